@@ -10,9 +10,10 @@ with marks), accuracy_/relative_/p_values_/marks_/cells_<model>.csv; and
 paper_comparison.csv (our cells next to the paper's Fig. 2 for Llama-2-7B, Gemma-7B and
 Llama-2-13B, accuracies in %).
 
---budget quick (default) reduces training to 40 examples and 1 epoch per step, skips
-validation and evaluates 48 test examples (24 TruthfulQA questions): per model 3 head
-selections + 12 cells. --budget paper: 5 + 5 epochs, all data, Table 6 hyperparameters.
+--budget quick (default) trains on 40 examples (step 1: 1 epoch; step 2: 3 epochs at
+lr 5e-2), skips validation and evaluates 48 test examples (24 TruthfulQA questions): per
+model 3 head selections + 12 cells. --budget paper: 5 + 5 epochs, all data, Table 6
+hyperparameters.
 """
 
 from __future__ import annotations
