@@ -117,9 +117,13 @@ def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
                 line=dict(color=colours[model], dash="dash" if method == "random" else "solid"),
                 hovertemplate=f"{model} {method}<br>{x_title}: %{{x}}<br>accuracy: "
                               "%{y:.3f}<extra></extra>"), row=1, col=col)
-        for _, ref in part[part["method"] == "zero_shot"].iterrows():
-            fig.add_hline(y=ref["accuracy"], line_dash="dot", line_color=colours[ref["model"]],
-                          annotation_text=f"0-shot {ref['model']}", row=1, col=col)
+        zero_shot = part[part["method"] == "zero_shot"]
+        for accuracy, refs in zero_shot.groupby("accuracy", sort=False):
+            # one line per distinct value: models with equal 0-shot share a label
+            models = list(dict.fromkeys(refs["model"]))
+            fig.add_hline(y=accuracy, line_dash="dot",
+                          line_color=colours[models[0]] if len(models) == 1 else "grey",
+                          annotation_text=f"0-shot {', '.join(models)}", row=1, col=col)
         fig.update_yaxes(title_text=str(part["metric"].iloc[0]), rangemode="tozero", row=1, col=col)
     fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear")
     fig.update_layout(title=title, height=380, width=max(500, 420 * len(tasks)))

@@ -222,6 +222,19 @@ def test_data_efficiency_points(tiny_model, tasks, tmp_path, calls):
     assert fig.data[0].x.tolist() == [4, 8, 12]
 
 
+def test_sweep_plot_shares_equal_zero_shot_lines():
+    """Two models with the same 0-shot accuracy get one labelled line, not two overlapping."""
+    rows = [{"model": m, "task": "t", "method": "zero_shot", "size": 0, "n_train": 0,
+             "metric": "exact_match", "accuracy": acc} for m, acc in (("a", 0.0), ("b", 0.0))]
+    rows += [{"model": "c", "task": "t", "method": "zero_shot", "size": 0, "n_train": 0,
+              "metric": "exact_match", "accuracy": 0.25}]
+    rows += [{"model": m, "task": "t", "method": "lofit", "size": 8, "n_train": 8,
+              "metric": "exact_match", "accuracy": 0.5} for m in "abc"]
+    labels = sorted(a.text for a in plot_data_efficiency(pd.DataFrame(rows)).layout.annotations
+                    if a.text.startswith("0-shot"))
+    assert labels == ["0-shot a, b", "0-shot c"]
+
+
 # ---------------------------------------------------------------------- analysis modules
 @pytest.mark.parametrize("module", ["task_specificity", "granularity", "head_similarity",
                                     "budget"])
