@@ -269,6 +269,7 @@ def test_budget_options(tmp_path):
     args = parser("x", "", k=0.03).parse_args(["--tasks", "truthfulqa", "clutrr"])
     overrides, per_task = run_options(args, args.k)
     assert overrides["max_train_examples"] == 40 and overrides["epochs_select"] == 1
+    assert overrides["epochs_bias"] == 3 and overrides["lr_bias"] == 5e-2
     assert per_task["truthfulqa"] == {"max_eval_examples": 24, "extra": {"fold": 0}}
     assert per_task["clutrr"] == {}
     args = parser("x", "", k=0.1).parse_args(["--budget", "paper", "--tasks", "clutrr",
