@@ -13,8 +13,8 @@ and data_efficiency.{csv,html,png}.
 
 --budget quick (default) trains on at most 40 examples (step 1: 1 epoch; step 2: 3 epochs
 at lr 5e-2), evaluates 48 test examples (24 TruthfulQA questions) and uses K = 3, 10, 50%
-and n = 16, 40 (points
-with the same settings as task_specificity's cells are shared with it through the cache).
+and n = 16, 40 (points with the same settings as task_specificity's cells are shared
+with it through the cache).
 --budget paper: 5 + 5 epochs, all data, the paper's fractions and n = 16 ... 256.
 """
 
