@@ -13,6 +13,7 @@ from lofit_lens.checkpoint import PhaseCheckpoint, run_phase
 from lofit_lens.evaluation import split_metrics
 from lofit_lens.hooked import model_dims, model_id
 from lofit_lens.result import LoFiTResult
+from lofit_lens.run_cache import model_settings, task_settings
 from lofit_lens.tasks.base import hash_examples
 from lofit_lens.training import (
     HeadSelection, TaskLike, TrainingSet, resolve_run, select_heads, training_data, tune_biases,
@@ -57,8 +58,8 @@ def lofit(
     dims = model_dims(model)
     n_heads = cfg.num_heads(dims.total_heads)
     ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint, {
-        "model": model_id(model), "dims": dims, "config": cfg.to_dict(),
-        "task": task_obj.describe(), "train_data": hash_examples(training_data(task_obj, cfg)[0])})
+        **model_settings(model), "config": cfg.to_dict(), "task": task_settings(task_obj),
+        "train_data": hash_examples(training_data(task_obj, cfg)[0])})
 
     def evaluation(label: str, intervention=None) -> dict:
         start = time.perf_counter()

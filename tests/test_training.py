@@ -111,3 +111,6 @@ def test_checkpoint_resumes_finished_phases(tiny_model, tiny_task_file, tmp_path
     assert again.metrics == first.metrics
     with pytest.raises(AssertionError, match="recomputed"):  # other settings: not reused
         ll.lofit(tiny_model, str(tiny_task_file), **{**kwargs, "seed": 5})
+    monkeypatch.setattr(tiny_model.cfg, "dtype", torch.float16)
+    with pytest.raises(AssertionError, match="recomputed"):  # another dtype: not reused
+        ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
