@@ -16,8 +16,9 @@ from lofit_lens import lofit
 from lofit_lens.baselines import METHODS, compare
 from lofit_lens.baselines.iti import fit_probes, iti_intervention, statements
 from lofit_lens.baselines.lora import LoRA, train_lora
-from lofit_lens.baselines.selectors import probe_layer_heads, random_heads
+from lofit_lens.baselines.selectors import probe_layer_heads
 from lofit_lens.hooked import ModelDims, hf_tokenizer, model_dims
+from lofit_lens.run_cache import random_heads
 from lofit_lens.tasks import FileTask
 from lofit_lens.training import resolve_run
 

@@ -16,10 +16,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from lofit_lens.baselines.iti import Probes, fit_probes, head_activations, iti_intervention, statements
 from lofit_lens.baselines.lora import train_lora
-from lofit_lens.baselines.selectors import probe_layer_heads, random_heads
+from lofit_lens.baselines.selectors import probe_layer_heads
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.hooked import model_dims
 from lofit_lens.intervention import Head, top_heads
+from lofit_lens.run_cache import random_heads
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import select_heads, tune_biases
 

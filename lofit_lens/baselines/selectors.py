@@ -1,4 +1,7 @@
-"""Head selectors for bias tuning (LoFiT Table 2) that need no training of their own."""
+"""Head selectors for bias tuning (LoFiT Table 2) that need no training of their own.
+
+Random heads: ``lofit_lens.run_cache.random_heads`` (shared with the analyses).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.hooked import ModelDims
 from lofit_lens.intervention import Head
-
-
-def random_heads(dims: ModelDims, k: int, seed: int) -> list[Head]:
-    """``k`` heads drawn uniformly without replacement with ``seed``."""
-    picked = torch.randperm(dims.total_heads, generator=torch.Generator().manual_seed(seed))[:k]
-    return [(int(i) // dims.n_heads, int(i) % dims.n_heads) for i in picked]
 
 
 def probe_layer_heads(accuracy: Float[Tensor, "layer head"], k: int) -> list[Head]:
