@@ -27,6 +27,7 @@ from lofit_lens.baselines.methods import (
 )
 from lofit_lens.evaluation import split_metrics
 from lofit_lens.hooked import model_id
+from lofit_lens.run_cache import write_json
 from lofit_lens.training import TaskLike, resolve_run
 
 DEFAULT_METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
@@ -112,10 +113,7 @@ def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) 
             return cell
     cell = _run(ctx, name, fold) | {"settings": settings}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".json.partial")
-        partial.write_text(json.dumps(_jsonable(cell), indent=1))
-        partial.replace(path)  # atomic: an interrupted write leaves no half file
+        write_json(path, _jsonable(cell))
     return cell
 
 

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.hooked import attached_hooks, model_device, uses_bridge
-from lofit_lens.objectives import build_objective
 from lofit_lens.tasks.base import Task
-from lofit_lens.training import train_intervention, training_data
+from lofit_lens.training import TrainingSet, train_intervention
 
 
 class LoRADims(NamedTuple):
@@ -117,15 +116,11 @@ def train_lora(model, task: Task, cfg: LoFiTConfig, *, rank: int, alpha: float, 
                lr: float, progress: bool = True) -> tuple[LoRA, dict[str, Any]]:
     """LoRA trained on the run's data in LoFiT's loop (``cfg.epochs_bias`` epochs, AdamW,
     linear decay); dropout is on during training only."""
-    train, val = training_data(task, cfg)
-    train_obj = build_objective(model, train, cfg.dpo_beta)
-    val_obj = build_objective(model, val, cfg.dpo_beta) if val else None
+    data = TrainingSet.build(model, task, cfg)
     lora = LoRA.for_model(model, rank=rank, alpha=alpha, dropout=dropout,
                           generator=torch.Generator().manual_seed(cfg.seed))
-    lora.train()
     history = train_intervention(
-        model, lora, train_obj, val_obj, epochs=cfg.epochs_bias, lr=lr, l1_lambda=0.0,
+        model, lora, data.train, data.val, epochs=cfg.epochs_bias, lr=lr, l1_lambda=0.0,
         batch_size=cfg.batch_size, seed=cfg.seed + 1, weight_decay=cfg.weight_decay,
         adam_eps=cfg.adam_eps, desc="LoRA", progress=progress)
-    lora.eval()
     return lora, history
