@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from analysis.common import BUDGETS, RunLog, load, parser, run_options, write_figure, write_table
+from lofit_lens.hooked import model_dims
 from lofit_lens.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
 
 MODULE = "budget"
@@ -45,21 +46,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     fractions = args.fractions or budget.fractions
     sizes = args.sizes or budget.sizes
     log = RunLog(MODULE, args)
-    overrides, per_task = run_options(args, args.k)
     sweeps: dict[str, list[pd.DataFrame]] = {"k": [], "data": []}
     for name in args.models:
         start = time.perf_counter()
         model = load(name, args)
         log.lap(f"{name} load", start)
+        total = model_dims(model).total_heads
         for task in args.tasks:
             start = time.perf_counter()
-            options = {**overrides, **per_task[task], "cache_dir": args.cache,
-                       "seed": args.seed, "progress": not args.quiet}
+
+            def options(k) -> dict:  # the paper budget's step-2 rate depends on K
+                overrides, per_task = run_options(args, k, total)
+                return {**overrides, **per_task[task], "cache_dir": args.cache,
+                        "seed": args.seed, "progress": not args.quiet}
+
             if "k" in args.sweeps:
-                sweeps["k"].append(k_sweep(model, task, fractions,
-                                           random_heads_too=args.random_heads, **options))
+                # one call per K (the head selection is cached and shared between them)
+                sweeps["k"] += [k_sweep(model, task, [f], random_heads_too=args.random_heads,
+                                        zero_shot=i == 0, **options(f))
+                                for i, f in enumerate(fractions)]
             if "data" in args.sweeps:
-                sweeps["data"].append(data_efficiency(model, task, sizes, k=args.k, **options))
+                sweeps["data"].append(data_efficiency(model, task, sizes, k=args.k,
+                                                      **options(args.k)))
             log.lap(f"{name}/{task}", start)
         del model
     files = []

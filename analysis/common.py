@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
+from lofit_lens.config import LoFiTConfig
 from lofit_lens.hooked import model_dims, model_id
 from lofit_lens.plotting import save_figure
 from lofit_lens.result import LoFiTResult
@@ -135,9 +136,17 @@ def _k(value: str):
     return int(number) if number.is_integer() and number >= 1 else number
 
 
-def run_options(args, k: Optional[float] = None) -> tuple[dict[str, Any], dict[str, dict]]:
+def head_fraction(k, total_heads: int) -> float:
+    """``k`` (a count or a fraction of all heads) as the fraction of heads it selects."""
+    return LoFiTConfig(k=k).num_heads(total_heads) / total_heads
+
+
+def run_options(args, k=None, total_heads: Optional[int] = None,
+                ) -> tuple[dict[str, Any], dict[str, dict]]:
     """(``LoFiTConfig`` overrides for every task, per-task overrides) of the budget, the
-    paper hyperparameters at ``k`` (paper budget) and the command-line overrides."""
+    paper hyperparameters at ``k`` heads (paper budget: Table 6's step-2 rate for 10% of
+    the heads when ``k`` selects at least 10% of ``total_heads``) and the command-line
+    overrides."""
     budget = BUDGETS[args.budget]
     overrides = dict(budget.overrides)
     if args.max_train_examples is not None:
@@ -156,7 +165,8 @@ def run_options(args, k: Optional[float] = None) -> tuple[dict[str, Any], dict[s
             options["extra"] = extra
         if budget.paper_hyperparams:
             hp = PAPER_HYPERPARAMS[task]
-            lr_bias = PAPER_LR_BIAS_10PCT[task] if k is not None and k >= 0.1 else hp.lr_bias
+            large_k = k is not None and head_fraction(k, total_heads) >= 0.1
+            lr_bias = PAPER_LR_BIAS_10PCT[task] if large_k else hp.lr_bias
             options.update(l1_lambda=hp.l1_lambda, lr_select=hp.lr_select, lr_bias=lr_bias)
         per_task[task] = options
     return overrides, per_task
@@ -165,7 +175,7 @@ def run_options(args, k: Optional[float] = None) -> tuple[dict[str, Any], dict[s
 def head_sets(model, args, k: float, seeds: Sequence[int]) -> dict[tuple[str, int], LoFiTResult]:
     """``{(task, seed): result}``: the top-``k`` heads selected on each task (cached, shared
     with the other modules) as ``LoFiTResult``s without offsets."""
-    overrides, per_task = run_options(args, k)
+    overrides, per_task = run_options(args, k, model_dims(model).total_heads)
     results = {}
     for task in args.tasks:
         for seed in seeds:

@@ -30,6 +30,7 @@ from analysis.common import (
     PAPER_MODELS, PAPER_NAMES, RunLog, default_paper_numbers, load, paper_numbers, parser,
     run_options, slug, write_figure, write_table,
 )
+from lofit_lens.hooked import model_dims
 from lofit_lens.transfer import RANDOM, TransferResult, transfer_matrix
 
 MODULE = "task_specificity"
@@ -72,11 +73,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="lofit_paper_numbers.json (default: ../shared/reference/)")
     args = p.parse_args(argv)
     log = RunLog(MODULE, args)
-    overrides, per_task = run_options(args, args.k)
     files, results = [], {}
     for name in args.models:
         start = time.perf_counter()
         model = load(name, args)
+        overrides, per_task = run_options(args, args.k, model_dims(model).total_heads)
         result = transfer_matrix(model, args.tasks, k=args.k, seed=args.seed,
                                  cache_dir=args.cache, n_bootstrap=args.n_bootstrap,
                                  progress=not args.quiet, task_overrides=per_task, **overrides)

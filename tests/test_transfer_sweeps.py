@@ -274,10 +274,13 @@ def test_budget_options(tmp_path):
     assert per_task["clutrr"] == {}
     args = parser("x", "", k=0.1).parse_args(["--budget", "paper", "--tasks", "clutrr",
                                               "--max-eval-examples", "0", "--epochs", "2", "3"])
-    overrides, per_task = run_options(args, args.k)
+    overrides, per_task = run_options(args, args.k, total_heads=270)
     assert overrides["epochs_select"] == 2 and overrides["epochs_bias"] == 3
     assert per_task["clutrr"] == {"max_eval_examples": None, "l1_lambda": 5e-3,
                                   "lr_select": 5e-4, "lr_bias": 5e-3}
+    # Table 6's step-2 rate follows the share of heads K selects, given as count or fraction
+    for k, lr in ((0.03, 1e-2), (8, 1e-2), (27, 5e-3), (0.5, 5e-3)):
+        assert run_options(args, k, total_heads=270)[1]["clutrr"]["lr_bias"] == lr
 
 
 def test_paper_tables_parse():
