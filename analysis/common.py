@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
+from lofit_lens.cli import k_value
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.hooked import model_dims, model_id
 from lofit_lens.plotting import save_figure
@@ -113,7 +114,7 @@ def parser(module: str, description: str, k: Optional[float]) -> argparse.Argume
                    help="cache of head selections and cells, shared by the modules "
                         "(default analysis_out/cache)")
     if k is not None:
-        p.add_argument("--k", type=_k, default=k,
+        p.add_argument("--k", type=k_value, default=k,
                        help=f"heads: a count or a fraction of all heads (default {k}, as the "
                             "paper for this figure)")
     p.add_argument("--seed", type=int, default=0)
@@ -129,11 +130,6 @@ def parser(module: str, description: str, k: Optional[float]) -> argparse.Argume
                    help="model dtype (paper: float32 for 7B, bfloat16 for 13B and Gemma)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
-
-
-def _k(value: str):
-    number = float(value)
-    return int(number) if number.is_integer() and number >= 1 else number
 
 
 def head_fraction(k, total_heads: int) -> float:
@@ -192,10 +188,6 @@ def load(name: str, args):
     from lofit_lens import load_model
 
     return load_model(name, device=args.device, dtype=getattr(torch, args.dtype))
-
-
-def slug(name: str) -> str:
-    return name.replace("/", "__")
 
 
 def write_table(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:

@@ -28,12 +28,12 @@ import pandas as pd
 
 from analysis.common import (
     PAPER_MODELS, PAPER_NAMES, RunLog, default_paper_numbers, head_sets, load, paper_numbers,
-    parser, slug, write_figure, write_table,
+    parser, write_figure, write_table,
 )
 from lofit_lens.hooked import model_dims, model_id
 from lofit_lens.overlap import OverlapReport, head_overlap, paper_style_matrix
 from lofit_lens.plotting import plot_overlap
-from lofit_lens.run_cache import random_result
+from lofit_lens.run_cache import random_result, slug
 
 MODULE = "head_similarity"
 SEEDS = (0, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
-def _k(value: str):
+def k_value(value: str):
     """``--k 27`` is a count, ``--k 0.1`` a fraction of all heads."""
     number = float(value)
     return int(number) if number.is_integer() and number >= 1 else number
@@ -21,7 +21,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="clutrr | mquake | truthfulqa | path to a .jsonl/.csv task file")
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded short name (smollm2-135m, gemma3-270m), Hub id or HF folder")
-    p.add_argument("--k", type=_k, default=0.1, help="heads: a count, or a fraction of all heads")
+    p.add_argument("--k", type=k_value, default=0.1, help="heads: a count, or a fraction of all heads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, nargs="+", metavar="N",
                    help="epochs for both steps, or two numbers: step 1, step 2 (default 2 3)")
