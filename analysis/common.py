@@ -1,21 +1,6 @@
 """What the analysis modules share: command line, budgets, task options, output files.
 
-Budgets (``--budget``):
-
-* ``quick`` (default): for the embedded models on a 2-core CPU, under 30 min per module
-  for both models. Both steps train on at most 40 training examples: step 1 (the scales A)
-  for 1 epoch, step 2 (the offsets v) for 3 epochs at 5x the paper's learning rate
-  (``lr_bias=5e-2``; the paper's 1e-2 moves v too little in 15 steps), with no validation.
-  Evaluation uses 48 test examples (24 TruthfulQA questions: MC scoring behind a 6-shot
-  prompt is the costliest evaluation). The sweeps use fewer points (K = 3%, 10%, 50%; 16
-  and 40 training examples). K stays the paper's. Numbers from it are noisy (a 48-example
-  test set has a standard error of ~6 points): a check, not a replication. Its cells are
-  shared between modules (the 3% cells of task_specificity are the budget module's 3%
-  points).
-* ``paper``: the paper's protocol (5 + 5 epochs, all training and test data, the Llama-2-7B
-  learning rates and lambda of Table 6, the 10%-of-heads bias learning rate where K = 10%);
-  meant for a GPU and 7B models (``--models meta-llama/Llama-2-7b-hf``).
-* ``smoke``: a seconds-scale run (8 training / 8 test examples) that checks the wiring.
+Budgets (``--budget quick|paper|smoke``): ``lofit_lens.budgets``.
 
 ``--max-train-examples``, ``--max-eval-examples`` and ``--epochs`` override any budget.
 TruthfulQA runs on fold 0 only (the paper averages the two folds); pass
@@ -32,20 +17,19 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pandas as pd
 import torch
 
+from lofit_lens.budgets import BUDGETS
 from lofit_lens.cli import k_value
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.hooked import model_dims, model_id
 from lofit_lens.plotting import save_figure
 from lofit_lens.result import LoFiTResult
 from lofit_lens.run_cache import cached_selection, selection_result
-from lofit_lens.sweeps import FRACTIONS, SIZES
 from lofit_lens.tasks import clutrr, mquake, truthfulqa
 from lofit_lens.training import resolve_run
 from lofit_lens.versions import library_versions
@@ -61,34 +45,6 @@ PAPER_HYPERPARAMS = {"clutrr": clutrr.PAPER_HYPERPARAMS, "mquake": mquake.PAPER_
                      "truthfulqa": truthfulqa.PAPER_HYPERPARAMS}
 PAPER_LR_BIAS_10PCT = {"clutrr": 5e-3, "mquake": 5e-3, "truthfulqa": 5e-3}
 
-
-@dataclass(frozen=True)
-class Budget:
-    """``LoFiTConfig`` overrides for every task, per-task ones, and the sweep points."""
-
-    overrides: dict[str, Any]
-    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fractions: tuple[float, ...] = FRACTIONS
-    sizes: tuple[int, ...] = SIZES
-    paper_hyperparams: bool = False
-
-
-BUDGETS = {
-    "quick": Budget(
-        overrides=dict(max_train_examples=40, epochs_select=1, epochs_bias=3, lr_bias=5e-2,
-                       max_eval_examples=48, max_val_examples=0),
-        task_overrides={"truthfulqa": {"max_eval_examples": 24}},
-        fractions=(0.03, 0.1, 0.5), sizes=(16, 40)),
-    "paper": Budget(
-        overrides=dict(epochs_select=5, epochs_bias=5, max_train_examples=None,
-                       max_eval_examples=None),
-        paper_hyperparams=True),
-    "smoke": Budget(
-        overrides=dict(max_train_examples=8, epochs_select=1, epochs_bias=1,
-                       max_eval_examples=8, max_val_examples=0),
-        task_overrides={"truthfulqa": {"max_eval_examples": 4}},
-        fractions=(0.03, 0.1), sizes=(8,)),
-}
 
 BUDGET_HELP = (
     "quick (default): <=40 training examples, 1 epoch for step 1, 3 epochs at lr 5e-2 for "

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom under the tiny budget (they load the real SmolLM2)."""
+"""The notebooks run top to bottom under the smoke budget (they load the real SmolLM2)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_notebooks_are_stored_without_outputs():
 def test_notebook_executes(path, tmp_path, monkeypatch, data_dir):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("LOFIT_NOTEBOOK_BUDGET", "tiny")
+    monkeypatch.setenv("LOFIT_NOTEBOOK_BUDGET", "smoke")
     monkeypatch.setenv("LOFIT_NOTEBOOK_OUT", str(tmp_path / "out"))
     monkeypatch.setenv("LOFIT_DATA_DIR", str(data_dir))
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
