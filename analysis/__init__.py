@@ -9,5 +9,5 @@
 Each writes figures (HTML + PNG) and CSV tables to ``--out`` (default
 ``analysis_out/<module>``). The figure modules cache their runs under ``analysis_out/cache``
 (shared: a head selection or cell made by one is reused by the others) and take
-``--budget quick|paper``; see ``analysis.common``.
+``--budget quick|paper|smoke`` (see ``lofit_lens.budgets``).
 """

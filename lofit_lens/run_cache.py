@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -32,7 +32,9 @@ from lofit_lens.hooked import ModelDims, model_dims, model_id
 from lofit_lens.intervention import Head
 from lofit_lens.result import LoFiTResult
 from lofit_lens.tasks.base import Task, hash_examples
-from lofit_lens.training import HeadSelection, select_heads, training_data, tune_biases
+from lofit_lens.training import (
+    HeadSelection, TrainingSet, select_heads, training_data, tune_biases,
+)
 
 STEP1_FIELDS = ("seed", "l1_lambda", "lr_select", "epochs_select", "batch_size", "init_std",
                 "weight_decay", "adam_eps", "dpo_beta")
@@ -107,8 +109,10 @@ def cached_record(folder: Path, name: str, settings: Mapping[str, Any],
 
 # ---------------------------------------------------------------------- head selections
 def cached_selection(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
-                     progress: bool = True) -> HeadSelection:
-    """``select_heads`` on ``task`` with ``cfg``, read from / written to ``cache_dir``."""
+                     progress: bool = True,
+                     data: Optional[Callable[[], TrainingSet]] = None) -> HeadSelection:
+    """``select_heads`` on ``task`` with ``cfg``, read from / written to ``cache_dir``
+    (``data``: as in ``bias_cell``)."""
     settings = step_settings(model, task, cfg, STEP1_FIELDS)
     key = settings_key(settings)
     folder = (Path(cache_dir) / slug(model_id(model)) / slug(task.name) / f"s{cfg.seed}"
@@ -118,7 +122,8 @@ def cached_selection(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
         loaded = load_file(str(tensors))
         history = json.loads(card.read_text())["history"]
         return HeadSelection(loaded["scores"], loaded["scale"], {**history, "cached": True})
-    selection = select_heads(model, task, config=cfg, progress=progress)
+    selection = select_heads(model, task, config=cfg, progress=progress,
+                             data=data() if data else None)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({"scores": selection.scores.contiguous().float(),
                "scale": selection.scale.contiguous().float()}, str(tensors))
@@ -180,15 +185,21 @@ def cells_folder(model, task: Task, cache_dir: str | Path) -> Path:
 
 
 def bias_cell(model, task: Task, cfg: LoFiTConfig, heads: Sequence[Head],
-              cache_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+              cache_dir: str | Path, progress: bool = True,
+              data: Optional[Callable[[], TrainingSet]] = None) -> dict[str, Any]:
     """Tune v on ``heads`` for ``task`` and evaluate on its test split; cached as one JSON
-    (heads, v on those heads, losses, metrics, per-example correctness)."""
+    (heads, v on those heads, losses, metrics, per-example correctness).
+
+    ``data``: returns the ``TrainingSet`` of ``(task, cfg)``, called only when the cell is
+    computed; pass one cached builder to cells of the same task so it is encoded once
+    (for DPO, the reference log-probs are a forward pass over the training set)."""
     heads = [tuple(h) for h in heads]
     settings = {**step_settings(model, task, cfg, STEP2_FIELDS), **eval_settings(model, task, cfg),
                 "heads": [list(h) for h in heads]}
 
     def compute() -> dict[str, Any]:
-        tuning = tune_biases(model, task, heads, config=cfg, progress=progress)
+        tuning = tune_biases(model, task, heads, config=cfg, progress=progress,
+                             data=data() if data else None)
         record = _evaluated(model, task, cfg, tuning.intervention, progress,
                             f"eval {task.name} (K={len(heads)})")
         history = {k: tuning.history[k] for k in ("epoch_loss", "val_loss", "seconds", "n_train")}

@@ -8,6 +8,7 @@ point with ``method`` ``"lofit"`` (``"random"`` for random heads in ``k_sweep``)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -17,7 +18,7 @@ from plotly.subplots import make_subplots
 
 from lofit_lens.hooked import model_dims, model_id
 from lofit_lens.run_cache import bias_cell, cached_selection, random_heads, zero_shot_cell
-from lofit_lens.training import TaskLike, resolve_run
+from lofit_lens.training import TaskLike, TrainingSet, resolve_run
 
 FRACTIONS = (0.01, 0.03, 0.1, 0.2, 0.5)
 SIZES = (16, 32, 64, 128, 256)
@@ -49,7 +50,8 @@ def k_sweep(
     """
     task_obj, cfg = resolve_run(task, None, {**budget_overrides, "seed": seed})
     total = model_dims(model).total_heads
-    selection = cached_selection(model, task_obj, cfg, cache_dir, progress)
+    data = functools.cache(functools.partial(TrainingSet.build, model, task_obj, cfg))
+    selection = cached_selection(model, task_obj, cfg, cache_dir, progress, data)
     rows = []
     for fraction in fractions:
         k = dataclasses.replace(cfg, k=fraction).num_heads(total)
@@ -57,7 +59,7 @@ def k_sweep(
         if random_heads_too:
             heads["random"] = random_heads(model_dims(model), k, seed)
         for method, chosen in heads.items():
-            record = bias_cell(model, task_obj, cfg, chosen, cache_dir, progress)
+            record = bias_cell(model, task_obj, cfg, chosen, cache_dir, progress, data)
             rows.append(_row(model, task_obj.name, method, record, fraction=fraction, k=k))
     if zero_shot:
         record = zero_shot_cell(model, task_obj, cfg, cache_dir, progress)

@@ -10,6 +10,7 @@ a rerun reads what is done and computes the rest.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -25,7 +26,7 @@ from lofit_lens.intervention import Head
 from lofit_lens.run_cache import bias_cell, cached_selection
 from lofit_lens.run_cache import random_heads as draw_random_heads
 from lofit_lens.tasks.base import Task
-from lofit_lens.training import TaskLike, resolve_run
+from lofit_lens.training import TaskLike, TrainingSet, resolve_run
 
 RANDOM = "random"
 MARKS = ((0.05, "*"), (0.1, "+"))
@@ -147,10 +148,14 @@ def transfer_matrix(
     dims = model_dims(model)
     n_heads = next(iter(runs.values()))[1].num_heads(dims.total_heads)
 
+    # each task's training set is encoded once, by the first selection or cell that trains
+    data = {label: functools.cache(functools.partial(TrainingSet.build, model, *run))
+            for label, run in runs.items()}
     heads: dict[str, list[Head]] = {}
     for source in rows:
         task, cfg = runs[source]
-        heads[source] = cached_selection(model, task, cfg, cache_dir, progress).top(n_heads)
+        heads[source] = cached_selection(model, task, cfg, cache_dir, progress,
+                                         data[source]).top(n_heads)
     if random_heads:
         rows.append(RANDOM)
         heads[RANDOM] = draw_random_heads(dims, n_heads, seed)
@@ -159,7 +164,7 @@ def transfer_matrix(
     cells = [(s, t) for s in rows for t in targets]
     for source, target in tqdm(cells, desc="transfer cells", disable=not progress):
         task, cfg = runs[target]
-        record = bias_cell(model, task, cfg, heads[source], cache_dir, progress)
+        record = bias_cell(model, task, cfg, heads[source], cache_dir, progress, data[target])
         correct[source, target] = record["correct"]
         records.append({"source": source, "target": target, "metric": record["metric"],
                         "accuracy": record["accuracy"], "n_eval": len(record["correct"]),

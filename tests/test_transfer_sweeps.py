@@ -18,6 +18,7 @@ from lofit_lens.plotting import save_figure
 from lofit_lens.run_cache import random_heads, settings_key
 from lofit_lens.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
 from lofit_lens.tasks.file_task import FileTask
+from lofit_lens.training import TrainingSet
 from lofit_lens.transfer import (
     compare_to_same_task,
     paired_bootstrap_p,
@@ -99,6 +100,21 @@ def test_random_heads_seeded_and_distinct():
 
 
 # ---------------------------------------------------------------------- transfer
+def test_transfer_matrix_encodes_each_task_once(tiny_model, tasks, tmp_path, monkeypatch):
+    built = []
+    build = TrainingSet.build.__func__
+
+    def counting(cls, model, task, cfg):
+        built.append(task.name)
+        return build(cls, model, task, cfg)
+
+    monkeypatch.setattr(TrainingSet, "build", classmethod(counting))
+    transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path, n_bootstrap=10,
+                    progress=False, **BUDGET)
+    # once per task, shared by its head selection and its 3 cells
+    assert sorted(built) == ["double", "succ"]
+
+
 def test_transfer_matrix_shapes_cache_and_resume(tiny_model, tasks, tmp_path, calls):
     res = transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path / "cache",
                           n_bootstrap=50, progress=False, **BUDGET)
