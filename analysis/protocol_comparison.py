@@ -13,13 +13,13 @@ under ``--out`` (an interrupted run resumes); the combined table goes to ``table
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import pandas as pd
 
 import lofit_lens as ll
+from analysis.common import default_paper_numbers, paper_numbers
 from lofit_lens.baselines.compare import compare
 
 METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
@@ -32,10 +32,10 @@ BUDGETS = {
     "paper": dict(k=0.03, epochs=(5, 5), max_train_examples=None,
                   eval={"truthfulqa": None, "mquake": None, "clutrr": None}),
 }
-PAPER_NUMBERS = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "lofit_paper_numbers.json"
 
 
-def run(model_name: str, budget: str, seeds: list[int], out: Path) -> pd.DataFrame:
+def run(model_name: str, budget: str, seeds: list[int], out: Path) -> tuple[pd.DataFrame, str]:
+    """Every method on every task; writes and returns the table (long form) and table.md."""
     model = ll.load_model(model_name)
     settings = BUDGETS[budget]
     rows = []
@@ -53,15 +53,16 @@ def run(model_name: str, budget: str, seeds: list[int], out: Path) -> pd.DataFra
                              "task_wall_seconds": seconds})
     table = pd.DataFrame(rows)
     table.to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(markdown(table, model_name, budget, seeds))
-    return table
+    text = markdown(table, model_name, budget, seeds)
+    (out / "table.md").write_text(text)
+    return table, text
 
 
 def paper_rows() -> dict[str, dict[str, float]]:
-    """Llama-2-7B numbers of Tables 1 and 2 keyed by our method names."""
-    if not PAPER_NUMBERS.is_file():
+    """Llama-2-7B numbers of Tables 1 and 2 keyed by our method names ({} without the file)."""
+    numbers = paper_numbers(default_paper_numbers())
+    if numbers is None:
         return {}
-    numbers = json.loads(PAPER_NUMBERS.read_text())
     t1, t2 = numbers["table1"], numbers["table2"]
     out: dict[str, dict[str, float]] = {}
     for ours, theirs in PAPER_ROWS.items():
@@ -110,8 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = run(args.model, args.budget, args.seeds, out)
-    print((out / "table.md").read_text())
+    table, text = run(args.model, args.budget, args.seeds, out)
+    print(text)
     print(f"wrote {out / 'table.csv'} ({len(table)} rows)")
 
 

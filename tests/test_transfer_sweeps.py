@@ -316,3 +316,18 @@ def test_paper_tables_parse():
     assert len(long) == 3 * 4
     results = granularity.paper_results(numbers, ["clutrr"])
     assert [r.k for r in results] == [16, 32, 48]  # Gemma-7B, Llama-2-7B, Llama-2-13B
+
+
+def test_protocol_comparison_table_beside_the_paper():
+    from analysis import protocol_comparison as pc
+
+    paper = pc.paper_rows()
+    if not paper:
+        pytest.skip("paper numbers not found")
+    assert paper["lofit"]["clutrr/exact_match"] == 89.7 and paper["zero_shot"]["mquake/exact_match"] == 18.9
+    table = pd.DataFrame([{"task": "clutrr", "metric": "exact_match", "method": "lofit",
+                           "score": 27.5, "std": 0.0, "params": 1728, "task_wall_seconds": 60.0}])
+    text = pc.markdown(table, "m", "small", [0])
+    row = next(line for line in text.splitlines() if line.startswith("| lofit |"))
+    assert "| 1728 |" in row and "27.5" in row and "89.7" in row
+    assert "clutrr 1.0 min" in text
