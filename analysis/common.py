@@ -56,8 +56,10 @@ BUDGET_HELP = (
 )
 
 
-def parser(module: str, description: str, k: Optional[float]) -> argparse.ArgumentParser:
-    """The common options; ``k``: this figure's paper K (None: the module has no ``--k``)."""
+def parser(module: str, description: str, k: Optional[float],
+           seed: bool = True) -> argparse.ArgumentParser:
+    """The common options; ``k``: this figure's paper K (None: the module has no ``--k``);
+    ``seed=False`` for a module with its own seed option (``--seeds``)."""
     p = argparse.ArgumentParser(prog=f"python -m analysis.{module}", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS),
@@ -73,7 +75,8 @@ def parser(module: str, description: str, k: Optional[float]) -> argparse.Argume
         p.add_argument("--k", type=k_value, default=k,
                        help=f"heads: a count or a fraction of all heads (default {k}, as the "
                             "paper for this figure)")
-    p.add_argument("--seed", type=int, default=0)
+    if seed:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-train-examples", type=int, help="override the budget (0 = all)")
     p.add_argument("--max-eval-examples", type=int,
                    help="override the budget for every task (0 = all)")
