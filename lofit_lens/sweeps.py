@@ -84,18 +84,19 @@ def data_efficiency(
     Columns: model, task, method, size (requested), n_train (used: a size beyond the
     training set uses all of it), k, metric, accuracy, n_eval, cached, file.
     """
+    task_obj, base = resolve_run(task, None, {**budget_overrides, "k": k, "seed": seed})
+    n_heads = base.num_heads(model_dims(model).total_heads)
     rows = []
     for size in sizes:
-        task_obj, cfg = resolve_run(task, None, {**budget_overrides, "k": k, "seed": seed,
-                                                  "max_train_examples": size})
-        n_heads = cfg.num_heads(model_dims(model).total_heads)
-        selection = cached_selection(model, task_obj, cfg, cache_dir, progress)
-        record = bias_cell(model, task_obj, cfg, selection.top(n_heads), cache_dir, progress)
+        cfg = dataclasses.replace(base, max_train_examples=size)
+        data = functools.cache(functools.partial(TrainingSet.build, model, task_obj, cfg))
+        selection = cached_selection(model, task_obj, cfg, cache_dir, progress, data)
+        record = bias_cell(model, task_obj, cfg, selection.top(n_heads), cache_dir, progress,
+                           data)
         rows.append(_row(model, task_obj.name, "lofit", record, size=size,
                          n_train=record["history"]["n_train"], k=n_heads))
     if zero_shot:
-        task_obj, cfg = resolve_run(task, None, {**budget_overrides, "seed": seed})
-        record = zero_shot_cell(model, task_obj, cfg, cache_dir, progress)
+        record = zero_shot_cell(model, task_obj, base, cache_dir, progress)
         rows.append(_row(model, task_obj.name, "zero_shot", record, size=0, n_train=0, k=0))
     return pd.DataFrame(rows)
 
