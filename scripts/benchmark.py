@@ -26,6 +26,8 @@ import lofit_lens as ll
 from lofit_lens.hooked import model_dims
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.objectives import build_objective
+from lofit_lens.run_cache import random_heads
+from lofit_lens.training import train_intervention
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -38,18 +40,11 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _train_step(model, objective, intervention: HeadIntervention, rows, l1: float):
-    opt = torch.optim.AdamW(intervention.trainable(), lr=1e-3, weight_decay=0.0)
-
-    def step():
-        with intervention.attach(model):
-            loss = objective.loss(model, rows)
-            if intervention.use_scale:
-                loss = loss + l1 * intervention.scale.abs().sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+def _train_step(model, objective, intervention: HeadIntervention, l1: float):
+    """One optimizer step of the library's own loop (one batch: the whole objective)."""
+    return lambda: train_intervention(model, intervention, objective, None, epochs=1, lr=1e-3,
+                                      l1_lambda=l1, batch_size=len(objective), seed=0,
+                                      progress=False)
 
 
 def main() -> None:
@@ -71,7 +66,7 @@ def main() -> None:
     dims = model_dims(model)
 
     select = HeadIntervention(dims, use_bias=False).set_heads(None).init_normal(1e-3)
-    heads = [(l, h) for l in range(dims.n_layers) for h in range(dims.n_heads)][:: 10]
+    heads = random_heads(dims, round(0.1 * dims.total_heads), seed=0)
     tune = HeadIntervention(dims, use_scale=False).set_heads(heads).init_normal(1e-3)
 
     def validate():
@@ -85,8 +80,8 @@ def main() -> None:
         "model": args.model, "task": args.task, "batch_size": len(rows),
         "tokens_per_batch": int(sum(len(p) + len(c) for p, c in getattr(objective, "pairs", []))),
         "load_model_seconds": round(load_seconds, 2),
-        "step1_select_seconds": round(_median_seconds(_train_step(model, objective, select, rows, 1e-3), args.repeats), 3),
-        "step2_bias_seconds": round(_median_seconds(_train_step(model, objective, tune, rows, 0.0), args.repeats), 3),
+        "step1_select_seconds": round(_median_seconds(_train_step(model, objective, select, 1e-3), args.repeats), 3),
+        "step2_bias_seconds": round(_median_seconds(_train_step(model, objective, tune, 0.0), args.repeats), 3),
         "validation_batch_seconds": round(_median_seconds(validate, args.repeats), 3),
         "eval_examples_per_second": round(len(examples) / gen_seconds, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
