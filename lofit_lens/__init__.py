@@ -15,7 +15,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from lofit_lens.api import lofit  # noqa: E402
 from lofit_lens.baselines.compare import compare  # noqa: E402
 from lofit_lens.config import LoFiTConfig  # noqa: E402
+from lofit_lens.doctor import DoctorReport, doctor  # noqa: E402
+from lofit_lens.errors import BrokenEnvironmentError, LoFiTLensError  # noqa: E402
 from lofit_lens.evaluation import evaluate  # noqa: E402
+from lofit_lens.generation import greedy_generate as generate  # noqa: E402
 from lofit_lens.granularity import granularity_table, layer_distribution, layer_summary  # noqa: E402
 from lofit_lens.intervention import HeadIntervention  # noqa: E402
 from lofit_lens.logit_lens import bias_logit_lens  # noqa: E402
@@ -33,10 +36,10 @@ from lofit_lens.transfer import transfer_matrix  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "EMBEDDED_MODELS", "HeadIntervention", "LoFiTConfig", "LoFiTResult", "bias_logit_lens",
+    "BrokenEnvironmentError", "DoctorReport", "EMBEDDED_MODELS", "HeadIntervention", "LoFiTLensError", "LoFiTConfig", "LoFiTResult", "bias_logit_lens",
     "evaluate", "get_task", "granularity_table", "head_overlap", "layer_distribution",
     "layer_summary", "list_tasks", "load_hf", "load_model", "lofit", "paper_style_matrix",
     "plot_heads", "plot_layer_distribution", "plot_overlap", "plot_transfer", "register_task",
     "save_figure", "select_heads", "tune_biases", "data_efficiency", "k_sweep", "transfer_matrix",
-    "compare",
+    "compare", "doctor", "generate",
 ]

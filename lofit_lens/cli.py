@@ -1,4 +1,4 @@
-"""``lofit-lens`` on the command line: ``run`` (the main job) and ``compare``."""
+"""``lofit-lens`` on the command line: ``run`` (the main job), ``compare`` and ``doctor``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from lofit_lens.errors import BrokenEnvironmentError
 
 
 def k_value(value: str):
@@ -61,6 +63,26 @@ def _checked_task(args):
     return task
 
 
+def _checked_model(args):
+    """The model, after the fast doctor checks: a broken environment stops here, before
+    any training, with ``BrokenEnvironmentError``."""
+    import lofit_lens as ll
+
+    model = ll.load_model(args.model, device=args.device)
+    report = ll.doctor(model, fast=True).raise_if_failed()
+    seconds = sum(c.seconds for c in report.checks)
+    print(f"lofit-lens: doctor: {len(report.checks)} checks passed in {seconds:.1f} s", file=sys.stderr)
+    return model
+
+
+def cmd_doctor(args) -> int:
+    import lofit_lens as ll
+
+    report = ll.doctor(ll.load_model(args.model, device=args.device), fast=args.fast)
+    print(report)
+    return 0 if report.ok else 1
+
+
 def cmd_run(args) -> int:
     import lofit_lens as ll
     from lofit_lens.plotting import plot_heads, save_figure
@@ -68,7 +90,7 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"runs/{Path(args.task).stem}-{args.model.replace('/', '_')}-s{args.seed}")
     task = _checked_task(args)
     start = time.perf_counter()
-    model = ll.load_model(args.model, device=args.device)
+    model = _checked_model(args)
     load_seconds = time.perf_counter() - start
     result = ll.lofit(
         model, task, k=args.k, seed=args.seed, epochs=_epochs(args),
@@ -127,7 +149,7 @@ def cmd_compare(args) -> int:
     from lofit_lens.baselines.compare import compare, markdown_table
 
     _checked_task(args)
-    model = ll.load_model(args.model, device=args.device)
+    model = _checked_model(args)
     frame = compare(model, args.task, methods=args.methods, seeds=args.seeds, k=args.k,
                     epochs=_epochs(args), max_train_examples=args.max_train_examples,
                     max_val_examples=args.max_val_examples,
@@ -150,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", type=int, nargs="+", default=[0])
     comp.add_argument("--out", help="folder for the CSV/Markdown table and per-run results")
     comp.set_defaults(func=cmd_compare)
+    doc = sub.add_parser("doctor", help="check that this environment computes correct results")
+    doc.add_argument("--model", default="smollm2-135m",
+                     help="embedded short name, Hub id or HF folder to check with")
+    doc.add_argument("--device")
+    doc.add_argument("--fast", action="store_true",
+                     help="skip the comparison with plain HF generate (loads the model twice)")
+    doc.set_defaults(func=cmd_doctor)
     return parser
 
 
@@ -160,6 +189,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # bad input: say what, no traceback
         print(f"lofit-lens: error: {err}", file=sys.stderr)
         return 2
+    except BrokenEnvironmentError as err:
+        print(f"lofit-lens: {type(err).__name__}: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Batched greedy generation with the KV cache, hooks (and so interventions) active.
 
 Prompts are tokenised as the HF tokenizer does, sorted by length so that batches carry
-little padding, left-padded with an explicit attention mask, and decoded greedily.
+little padding, left-padded with an explicit attention mask, and decoded greedily by HF's
+own ``generate`` on the model a TransformerBridge wraps (``lofit_lens.hf_cache``). A batch
+ends as soon as every row has produced EOS or a stop string.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lofit_lens.batching import encode_prompt, left_pad, pad_id
+from lofit_lens.hf_cache import hf_greedy_generate
 from lofit_lens.hooked import hf_tokenizer, model_device, uses_bridge
 
 
@@ -51,16 +54,14 @@ def greedy_generate(
 def _generate_rows(model, rows: list[list[int]], max_new_tokens: int,
                    stop_strings: Sequence[str]) -> list[list[int]]:
     """New token ids per row (EOS and what follows it removed)."""
-    eos = hf_tokenizer(model).eos_token_id
-    if uses_bridge(model):
-        tokens, attention = left_pad(rows, pad_id(hf_tokenizer(model)))
+    tok = hf_tokenizer(model)
+    eos = tok.eos_token_id
+    if uses_bridge(model):  # HF's own generate on the wrapped model; hooks fire inside
+        tokens, attention = left_pad(rows, pad_id(tok))
         device = model_device(model)
-        out = model.generate(
-            tokens.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, stop_at_eos=True, stop_strings=list(stop_strings) or None,
-            return_type="tokens", verbose=False,
-        )
-        generated = out[:, tokens.shape[1]:].tolist()
+        new = hf_greedy_generate(model, tokens.to(device), attention.to(device), max_new_tokens,
+                                 list(stop_strings), tok, pad_id(tok))
+        generated = new.tolist()
     else:  # TL 3.x: no attention-mask argument, so one unpadded prompt at a time
         generated = []
         for row in rows:

@@ -2,13 +2,12 @@
 its token log-probs given the prompt (not length-normalised).
 
 On a TransformerBridge (TL 4.x) a question's prompt runs once and all its answers continue
-from that prompt's KV cache (``share_prefix``); hooks, and so interventions, fire in both
-passes. A TL 3.x ``HookedTransformer`` scores full prompt + answer sequences instead.
+from that prompt's KV cache (``share_prefix``): HF's forward and ``DynamicCache`` on the
+wrapped HF model, hooks (and so interventions) firing in both passes. A TL 3.x ``HookedTransformer`` scores full prompt + answer sequences instead.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
@@ -17,6 +16,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lofit_lens.batching import collate, encode_continuation, encode_prompt, left_pad, pad_id
+from lofit_lens.hf_cache import (
+    cache_reaches_attention, forward_with_cache, last_logits_only, left_pad_positions, new_cache,
+    wrapped_hf_model,
+)
 from lofit_lens.hooked import hf_tokenizer, model_device, uses_bridge
 from lofit_lens.losses import sequence_logprobs
 from lofit_lens.tasks.base import ChoiceExample
@@ -80,20 +83,23 @@ def _shared_prefix_scores(model, prompts: list[Ids], answers: list[list[Ids]], b
 def _score_group(model, group: list[int], prompts: list[Ids], answers: list[list[Ids]],
                  scores: list[Tensor], bar) -> None:
     """Fill ``scores[i]`` for the examples ``group``: their left-padded prompts in one pass,
-    the cache repeated per answer, the right-padded answers in a second pass."""
+    the cache repeated per answer, the right-padded answers in a second pass (HF forward
+    with an HF ``DynamicCache``, see ``lofit_lens.hf_cache``)."""
     device, pad = model_device(model), pad_id(hf_tokenizer(model))
+    hf_model = wrapped_hf_model(model)
     tokens, mask = (t.to(device) for t in left_pad([prompts[i] for i in group], pad))
-    logits, cache = model(tokens, attention_mask=mask, return_type="logits_and_cache",
-                          use_cache=True, **_last_logits_only(model))
-    if cache is None:
-        raise RuntimeError("The model returned no KV cache: pass share_prefix=False")
     counts = torch.tensor([len(answers[i]) for i in group], device=device)
     owner = torch.repeat_interleave(torch.arange(len(group), device=device), counts)  # [n]
-    cache.batch_select_indices(owner)
-    ans_tokens, ans_mask = _right_pad([a for i in group for a in answers[i]], pad)
-    ans_tokens, ans_mask = ans_tokens.to(device), ans_mask.to(device)
-    ans_logits = model(ans_tokens, past_key_values=cache, return_type="logits",
-                       attention_mask=torch.cat([mask[owner], ans_mask], dim=1))
+    ans_tokens, ans_mask = (t.to(device) for t in _right_pad([a for i in group for a in answers[i]], pad))
+    # Answer position j sits right after its prompt's last real token.
+    ans_positions = mask.sum(-1)[owner, None] + torch.arange(ans_tokens.shape[1], device=device)
+    cache = new_cache(hf_model)
+    with cache_reaches_attention(model):
+        logits = forward_with_cache(hf_model, tokens, mask, left_pad_positions(mask), cache,
+                                    **last_logits_only(hf_model))  # [group, 1, vocab]
+        cache.batch_select_indices(owner)
+        ans_logits = forward_with_cache(hf_model, ans_tokens, torch.cat([mask[owner], ans_mask], dim=1),
+                                        ans_positions, cache)  # [n, ans_pos, vocab]
     # The prompt's last position predicts answer token 0; answer position j predicts j + 1.
     predicting = torch.cat([logits[owner, -1:], ans_logits[:, :-1]], dim=1).float()
     token_lp = predicting.log_softmax(-1).gather(-1, ans_tokens[..., None]).squeeze(-1)
@@ -111,13 +117,6 @@ def _right_pad(rows: list[Ids], pad: int) -> tuple[Int[Tensor, "row pos"], Int[T
         tokens[r, :len(ids)] = torch.tensor(ids)
         mask[r, :len(ids)] = 1
     return tokens, mask
-
-
-def _last_logits_only(model) -> dict[str, int]:
-    """``logits_to_keep=1`` where the HF model takes it (prompt logits are needed at the
-    last position only)."""
-    params = inspect.signature(model.original_model.forward).parameters
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def mc_metrics(scores: Float[Tensor, " choice"], correct: Sequence[int]) -> dict[str, float]:

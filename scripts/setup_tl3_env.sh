@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build .venv-tl3: the system Python's packages (torch 2.13.0+cpu, transformers, ...) plus
-# transformer-lens 3.9 (which still has HookedTransformer) shadowing the system's 4.x, and
-# lofit_lens installed editable from this checkout. Idempotent; quiet; fails loudly.
+# transformer-lens 3.9 (which still has HookedTransformer) shadowing the system's 4.x, with
+# the versions of requirements/lock-tl3.txt, and lofit_lens installed editable from this
+# checkout. Idempotent; quiet; fails loudly.
 #
 #   bash scripts/setup_tl3_env.sh && .venv-tl3/bin/python -m pytest tests/test_tl3.py -q
 set -euo pipefail
@@ -37,7 +38,7 @@ fi
 have_tl="$("$py" -c 'from importlib.metadata import version; print(version("transformer-lens"))' 2>/dev/null || true)"
 if [[ "$have_tl" != "$TL3_VERSION" ]]; then
     run "$py" -m pip install --disable-pip-version-check --no-input \
-        "transformer-lens==$TL3_VERSION" "torch==$TORCH_VERSION"
+        -c "$repo/requirements/lock-tl3.txt" "transformer-lens==$TL3_VERSION" "torch==$TORCH_VERSION"
     if grep -qiE "nvidia|cuda|Downloading torch-" "$log"; then
         echo "setup_tl3_env: pip tried to fetch a CUDA/new torch build:" >&2
         grep -iE "nvidia|cuda|Downloading torch-" "$log" >&2
@@ -50,6 +51,8 @@ fi
 if ! "$py" -c 'import importlib.util as u, sys; s = u.find_spec("lofit_lens"); sys.exit(0 if s and s.origin.startswith(sys.argv[1]) else 1)' "$repo" 2>/dev/null; then
     run "$py" -m pip install --disable-pip-version-check --no-input --no-deps -e "$repo"
 fi
+
+"$py" -c "import sys, lofit_lens.versions as v; v.check_lock(sys.argv[1])" "$repo/requirements/lock-tl3.txt" >/dev/null
 
 # Verify: TL 3.9 with the system torch, and HookedTransformer present.
 "$py" - "$TL3_VERSION" "$TORCH_VERSION" "$repo" <<'EOF'

@@ -29,8 +29,9 @@ def _check_against_hf(model, name):
         expected = tok.decode(hf.generate(ids, max_new_tokens=8, do_sample=False,
                                           pad_token_id=tok.pad_token_id)[0, ids.shape[1]:],
                               skip_special_tokens=True)
-    got = model.generate(prompt, max_new_tokens=8, do_sample=False, verbose=False)
-    assert got == prompt + expected
+    # lofit-lens's generation (HF generate on the wrapped model), not the bridge's own
+    # generate, which transformers 5.24 breaks (docs/gotchas.md)
+    assert ll.generate(model, [prompt], max_new_tokens=8, progress=False) == [expected]
 
 
 def test_smollm2_equals_hf(smollm2):
@@ -39,8 +40,8 @@ def test_smollm2_equals_hf(smollm2):
     assert hf_tokenizer(smollm2)("hi").input_ids == [6004]  # no BOS, as HF
     assert smollm2.cfg.default_prepend_bos is False
     _check_against_hf(smollm2, "smollm2-135m")
-    assert smollm2.generate("The capital of France is", max_new_tokens=3, do_sample=False,
-                            verbose=False).startswith("The capital of France is Paris")
+    assert ll.generate(smollm2, ["The capital of France is"], max_new_tokens=3,
+                       progress=False)[0].startswith(" Paris")
 
 
 def test_model_weights_are_frozen(smollm2):
