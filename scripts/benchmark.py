@@ -8,6 +8,15 @@ Measures, on real task batches (batch 8, the task's own prompts):
 - greedy generation throughput (examples/s, batch 16, KV cache, intervention attached);
 - peak resident memory of the process.
 Medians over ``--repeats`` after one warm-up. Prints a table and writes JSON with the machine.
+
+With ``--result DIR`` (a saved run of the same model and a generation task, e.g. the main
+job's ``runs/clutrr-smollm2-135m-s0``) it also times ``ll.evaluate`` against a simple
+reference on the same ``--reference-examples`` test prompts and the same learned v: a plain
+HF ``generate`` loop as the authors' evaluation code does it (batch 16 in file order, the
+task's max new tokens, no stop strings, v added at each ``o_proj`` input by a forward
+pre-hook), parsed and scored by the same task code. Both run once each, in turns, twice;
+the ratio is of the faster run of each. Exact match must be identical. It also reports
+TruthfulQA MC scoring in questions/s.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from lofit_lens.intervention import HeadIntervention
 from lofit_lens.objectives import build_objective
 from lofit_lens.run_cache import random_heads
 from lofit_lens.training import train_intervention
+from lofit_lens.versions import library_versions
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -47,6 +57,70 @@ def _train_step(model, objective, intervention: HeadIntervention, l1: float):
                                       progress=False)
 
 
+def _o_proj_bias_hooks(hf_model, bias: torch.Tensor, mask: torch.Tensor) -> list:
+    """The reference's edit: v of the selected heads added to each layer's o_proj input
+    (``[batch, pos, n_heads * d_head]``, head-major like hook_z flattened)."""
+    handles = []
+    for layer in mask.any(dim=1).nonzero().flatten().tolist():
+        vec = (bias[layer] * mask[layer, :, None]).flatten()
+        o_proj = hf_model.model.layers[layer].self_attn.o_proj
+        handles.append(o_proj.register_forward_pre_hook(lambda m, args, v=vec: (args[0] + v,)))
+    return handles
+
+
+@torch.no_grad()
+def reference_generate(hf_model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16) -> list[str]:
+    """A plain HF generate loop: batches of 16 in file order, left-padded, no stop strings."""
+    tok.padding_side = "left"
+    texts = []
+    for start in range(0, len(prompts), batch):
+        enc = tok(prompts[start:start + batch], return_tensors="pt", padding=True)
+        out = hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id)
+        texts += tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def eval_vs_reference(model, name: str, result_dir: str, n: int) -> dict:
+    """``ll.evaluate`` vs the reference loop, same prompts and v (see the module docstring)."""
+    result = ll.LoFiTResult.load(result_dir, model=model)
+    task = ll.get_task(result.config.task)
+    examples = task.eval_examples("test", n)
+    intervention = result.intervention()
+    hf_model, tok = ll.load_hf(name, device="cpu")
+    times = {"lofit_lens": [], "reference": []}
+    for _ in range(2):
+        start = time.perf_counter()
+        ours, rows = ll.evaluate(model, task, examples, intervention, batch_size=16, progress=False)
+        times["lofit_lens"].append(time.perf_counter() - start)
+        handles = _o_proj_bias_hooks(hf_model, result.bias, result.selected_mask)
+        start = time.perf_counter()
+        texts = reference_generate(hf_model, tok, [ex.prompt for ex in examples], task.max_new_tokens)
+        ref_hits = [task.is_correct(task.parse(t), ex) for t, ex in zip(texts, examples)]
+        times["reference"].append(time.perf_counter() - start)
+        for handle in handles:
+            handle.remove()
+    ours_hits = [row["correct"] for row in rows]
+    if ours_hits != ref_hits:
+        raise SystemExit(f"benchmark: exact match differs from the reference on "
+                         f"{sum(a != b for a, b in zip(ours_hits, ref_hits))} of {n} examples")
+    best = {k: min(v) for k, v in times.items()}
+    return {"reference_examples": n, "exact_match": ours["exact_match"],
+            "exact_match_identical": True,
+            "eval_seconds": round(best["lofit_lens"], 2),
+            "reference_eval_seconds": round(best["reference"], 2),
+            "eval_speedup_vs_reference": round(best["reference"] / best["lofit_lens"], 2)}
+
+
+def mc_questions_per_second(model, n: int) -> dict:
+    task = ll.get_task("truthfulqa")
+    examples = task.eval_examples("test", n)
+    start = time.perf_counter()
+    ll.evaluate(model, task, examples, batch_size=16, progress=False)
+    return {"mc_questions": n,
+            "mc_questions_per_second": round(n / (time.perf_counter() - start), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -54,6 +128,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--eval-examples", type=int, default=32)
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--result", help="a saved run to compare evaluation with the reference loop")
+    parser.add_argument("--reference-examples", type=int, default=200)
+    parser.add_argument("--mc-questions", type=int, default=48)
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -84,10 +161,14 @@ def main() -> None:
         "step2_bias_seconds": round(_median_seconds(_train_step(model, objective, tune, 0.0), args.repeats), 3),
         "validation_batch_seconds": round(_median_seconds(validate, args.repeats), 3),
         "eval_examples_per_second": round(len(examples) / gen_seconds, 2),
+        **(eval_vs_reference(model, args.model, args.result, args.reference_examples)
+           if args.result else {}),
+        **mc_questions_per_second(model, args.mc_questions),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "torch": torch.__version__},
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    **{k: v for k, v in library_versions().items() if k in ("transformers", "transformer-lens")}},
     }
     for key, value in results.items():
         if key != "machine":
