@@ -22,6 +22,8 @@ header() {
 compile pyproject.toml --extra embedded --extra notebooks --extra dev \
     -c requirements/pins.in -o requirements/lock.txt
 sed -i -E 's/^(torch==[0-9.]+)\+[a-z0-9]+/\1/' requirements/lock.txt
+# the dev extra names lofit-lens itself, which pip-compile pins to this folder's path
+sed -i -E '/^lofit-lens @ /d' requirements/lock.txt
 sed -i "1i $(header 'pyproject.toml [embedded,notebooks,dev] and requirements/pins.in')" requirements/lock.txt
 # TL 3.9 on top of the same set: every pin of lock.txt but transformer-lens is a constraint.
 grep -vE '^(transformer-lens|#)' requirements/lock.txt > requirements/.tl3-constraints.txt
