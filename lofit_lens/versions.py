@@ -52,21 +52,24 @@ def read_lock(path: str | Path) -> dict[str, str]:
     return pins
 
 
-def lock_mismatches(path: str | Path) -> list[str]:
-    """One line per locked package whose installed version differs (or that is missing)."""
+def lock_mismatches(path: str | Path, require_all: bool = False) -> list[str]:
+    """One line per locked package whose installed version differs from the lock's (and,
+    with ``require_all``, per locked package that is not installed)."""
     problems = []
     for name, want in sorted(read_lock(path).items()):
         have = installed_version(name)
         if have is None:
-            problems.append(f"{name}: not installed (lock: {want})")
+            if require_all:
+                problems.append(f"{name}: not installed (lock: {want})")
         elif _public(have) != _public(want):
             problems.append(f"{name}: installed {have}, lock {want}")
     return problems
 
 
-def check_lock(path: str | Path) -> None:
-    """Exit 1 with every difference when the installed set is not exactly the lock's."""
-    problems = lock_mismatches(path)
+def check_lock(path: str | Path, require_all: bool = False) -> None:
+    """Exit 1 with every difference when the installed set is not exactly the lock's
+    (``require_all``: every locked package must be installed, as after ``install.sh --dev``)."""
+    problems = lock_mismatches(path, require_all)
     if problems:
         sys.exit(f"Installed packages differ from {path}:\n  " + "\n  ".join(problems)
                  + "\nReinstall with scripts/install.sh, or refresh the lock with scripts/lock.sh.")

