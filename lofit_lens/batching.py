@@ -1,9 +1,10 @@
 """Tokenising (prompt, continuation) pairs and padding them into batches.
 
 Prompts are tokenised exactly as the HF tokenizer does (so SmolLM2 gets no BOS and Gemma
-gets ``<bos>``); continuations are tokenised without special tokens and appended. Training
-batches are right-padded to their own longest sequence; ``target_mask`` marks the
-continuation tokens, the only ones a loss sees.
+gets ``<bos>``). A continuation is tokenised either on its own and appended (``joint=False``,
+the clean protocol) or, as the authors' code does, as part of ``prompt + continuation``
+(``joint=True``, see ``encode_pair``). Training batches are right-padded to their own
+longest sequence; ``target_mask`` marks the continuation tokens, the only ones a loss sees.
 """
 
 from __future__ import annotations
@@ -46,6 +47,36 @@ def encode_continuation(tokenizer, text: str, add_eos: bool = False) -> list[int
     if not ids:
         raise ValueError(f"Continuation {text!r} tokenises to nothing")
     return ids
+
+
+def encode_pair(tokenizer, prompt: str, continuation: str, *, joint: bool,
+                add_eos: bool = False, force_bos: bool = False, back_off: bool = True) -> Pair:
+    """(prompt ids, continuation ids) of ``prompt + continuation``.
+
+    ``joint``: tokenise the whole string once and split it where the prompt's own tokens end;
+    when the last prompt token merged with the continuation, the split moves one token back
+    (``back_off``, TRL's DPOTrainer rule) or stays at the prompt's length (honest_llama's MC
+    scorer). A sentencepiece tokenizer such as Llama-2's then gives
+    ``"▁Paris"`` where tokenising ``" Paris"`` alone gives ``"▁", "▁Paris"``.
+    ``force_bos``: tokenise without special tokens and put BOS first whether or not the
+    tokenizer adds one (TRL 0.8.1's DPOTrainer).
+    """
+    special = not force_bos
+    if joint:
+        full = list(tokenizer(prompt + continuation, add_special_tokens=special).input_ids)
+        own = list(tokenizer(prompt, add_special_tokens=special).input_ids)
+        start = len(own) if full[:len(own)] == own or not back_off else len(own) - 1
+        prompt_ids, cont_ids = full[:start], full[start:]
+    else:
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=special).input_ids)
+        cont_ids = list(tokenizer(continuation, add_special_tokens=False).input_ids)
+    if force_bos:
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    if add_eos:
+        cont_ids.append(tokenizer.eos_token_id)
+    if not cont_ids:
+        raise ValueError(f"Continuation {continuation!r} tokenises to nothing after {prompt[-40:]!r}")
+    return prompt_ids, cont_ids
 
 
 def pad_id(tokenizer) -> int:

@@ -35,6 +35,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder with the LoFiT splits (default ../shared/datasets/lofit)")
     p.add_argument("--device")
     p.add_argument("--fold", type=int, help="TruthfulQA fold (0 or 1)")
+    p.add_argument("--protocol", choices=("official", "clean"), default="official",
+                   help="official: the authors' code point by point (default); clean: their "
+                        "quirks removed (docs/protocol.md)")
+    p.add_argument("--match", choices=("normalized", "exact", "prefix"),
+                   help="answer matching for a task file (default normalized)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -44,6 +49,8 @@ def _task_options(args) -> dict:
         extra["data_dir"] = args.data_dir
     if getattr(args, "fold", None) is not None:
         extra["fold"] = args.fold
+    if getattr(args, "match", None) is not None:
+        extra["match"] = args.match
     return extra
 
 
@@ -58,7 +65,7 @@ def _checked_task(args):
     minutes go into loading a model."""
     from lofit_lens.tasks import get_task
 
-    task = get_task(args.task, **_task_options(args))
+    task = get_task(args.task, protocol=args.protocol, **_task_options(args))
     task.examples("train")
     return task
 
@@ -93,7 +100,7 @@ def cmd_run(args) -> int:
     model = _checked_model(args)
     load_seconds = time.perf_counter() - start
     result = ll.lofit(
-        model, task, k=args.k, seed=args.seed, epochs=_epochs(args),
+        model, task, k=args.k, seed=args.seed, epochs=_epochs(args), protocol=args.protocol,
         max_train_examples=args.max_train_examples, max_val_examples=args.max_val_examples,
         max_eval_examples=args.max_eval_examples or None,
         extra=_task_options(args), progress=not args.quiet, checkpoint=out / "checkpoint",
@@ -119,6 +126,8 @@ def run_metrics(result) -> dict:
         "zero_shot": result.metrics.get("zero_shot", {}).get(split),
         "lofit": result.metrics.get("lofit", {}).get(split),
         "split": split,
+        "protocol": result.config.protocol,
+        "match": (result.metrics.get("lofit", {}).get(split) or {}).get("match"),
         "per_split": result.metrics,
         "k": result.k,
         "selected_heads": [f"L{l}H{h}" for l, h in result.selected_heads],
@@ -131,7 +140,8 @@ def run_metrics(result) -> dict:
 
 
 def format_run(result, metrics: dict, out: Path, figures: Sequence[Path]) -> str:
-    lines = [f"LoFiT on {result.config.task} with {result.model_id} (k={result.k}, seed={result.seed})"]
+    lines = [f"LoFiT on {result.config.task} with {result.model_id} (k={result.k}, seed={result.seed}, "
+             f"protocol={result.config.protocol})"]
     for label in ("zero_shot", "lofit"):
         m = metrics.get(label)
         if m:
@@ -154,7 +164,7 @@ def cmd_compare(args) -> int:
                     epochs=_epochs(args), max_train_examples=args.max_train_examples,
                     max_val_examples=args.max_val_examples,
                     max_eval_examples=args.max_eval_examples or None, out=args.out,
-                    extra=_task_options(args), progress=not args.quiet)
+                    extra=_task_options(args), progress=not args.quiet, protocol=args.protocol)
     print(markdown_table(frame))  # pandas' to_markdown needs tabulate
     return 0
 

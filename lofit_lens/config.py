@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from lofit_lens.tasks.base import TaskHyperparams
+from lofit_lens.tasks.base import ProtocolName, TaskHyperparams, check_protocol
 
 
 @dataclass
@@ -15,6 +15,8 @@ class LoFiTConfig:
     defaults (see ``lofit_lens.tasks`` and docs/hyperparameters in the README)."""
 
     task: str = "clutrr"
+    protocol: ProtocolName = "official"
+    """``official`` (the authors' code, point by point) or ``clean``; see docs/protocol.md."""
     k: Union[int, float] = 0.1
     """Heads to keep: a count (int >= 1) or a fraction of all heads (0 < float < 1)."""
     seed: int = 0
@@ -28,6 +30,9 @@ class LoFiTConfig:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     dpo_beta: float = 0.5
+    max_grad_norm: Optional[float] = None
+    """Gradient clipping by total norm; ``None``: the protocol's (official: 1.0, HF Trainer's
+    default in the authors' code; clean: none); 0 turns it off."""
     max_train_examples: Optional[int] = None
     max_val_examples: Optional[int] = 64
     """Validation (teacher-forced loss after each epoch) uses at most this many val rows."""
@@ -38,9 +43,13 @@ class LoFiTConfig:
     """Free-form task options (e.g. ``{"fold": 1}`` for TruthfulQA, ``data_dir``)."""
 
     def resolved(self, defaults: TaskHyperparams) -> "LoFiTConfig":
-        """A copy with unset learning rates and lambda filled from the task's defaults."""
+        """A copy with unset learning rates, lambda and clipping filled from the task's and
+        the protocol's defaults."""
+        check_protocol(self.protocol)
+        clip = self.max_grad_norm
         return dataclasses.replace(
             self,
+            max_grad_norm=(1.0 if self.protocol == "official" else 0.0) if clip is None else clip,
             l1_lambda=defaults.l1_lambda if self.l1_lambda is None else self.l1_lambda,
             lr_select=defaults.lr_select if self.lr_select is None else self.lr_select,
             lr_bias=defaults.lr_bias if self.lr_bias is None else self.lr_bias,

@@ -33,13 +33,13 @@ def evaluate(
     with attach:
         if task.kind == "generation":
             return _exact_match(model, task, examples, batch_size, progress, desc)
-        return _multiple_choice(model, examples, batch_size, progress, desc)
+        return _multiple_choice(model, task, examples, batch_size, progress, desc)
 
 
 def _exact_match(model, task: Task, examples, batch_size, progress, desc):
     completions = greedy_generate(model, [ex.prompt for ex in examples], task.max_new_tokens,
                                   task.stop_strings, batch_size=batch_size, progress=progress,
-                                  desc=desc)
+                                  desc=desc, with_prompt=task.parse_with_prompt)
     rows, hits = [], 0
     for i, (ex, text) in enumerate(zip(examples, completions)):
         pred = task.parse(text)
@@ -47,11 +47,12 @@ def _exact_match(model, task: Task, examples, batch_size, progress, desc):
         hits += correct
         rows.append({"index": i, "completion": text, "prediction": pred,
                      "answers": list(ex.answers), "correct": bool(correct)})
-    return {"exact_match": hits / len(examples), "n": len(examples)}, rows
+    return {"exact_match": hits / len(examples), "n": len(examples), "match": task.match_mode}, rows
 
 
-def _multiple_choice(model, examples, batch_size, progress, desc):
-    scores = choice_scores(model, examples, batch_size=batch_size, progress=progress, desc=desc)
+def _multiple_choice(model, task: Task, examples, batch_size, progress, desc):
+    scores = choice_scores(model, examples, batch_size=batch_size, progress=progress, desc=desc,
+                           protocol=task.protocol)
     rows, totals = [], {"mc1": 0.0, "mc2": 0.0, "mc3": 0.0}
     for i, (ex, s) in enumerate(zip(examples, scores)):
         m = mc_metrics(s, ex.correct)

@@ -33,9 +33,15 @@ def greedy_generate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generate",
+    with_prompt: bool = False,
 ) -> list[str]:
     """The greedy continuation of every prompt (text after the prompt, special tokens
-    dropped), cut after the first stop string."""
+    dropped), cut after the first stop string.
+
+    ``with_prompt``: return prompt and continuation decoded together instead, as the
+    authors' evaluation does (``batch_decode`` of whole rows); nothing is cut, and stop
+    strings only end decoding early.
+    """
     tok = hf_tokenizer(model)
     encoded = [encode_prompt(tok, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
@@ -45,7 +51,10 @@ def greedy_generate(
         rows = order[start:start + batch_size]
         new_tokens = _generate_rows(model, [encoded[i] for i in rows], max_new_tokens, stop_strings)
         for i, ids in zip(rows, new_tokens):
-            outputs[i] = cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop_strings)
+            if with_prompt:
+                outputs[i] = tok.decode(encoded[i] + ids, skip_special_tokens=True)
+            else:
+                outputs[i] = cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop_strings)
         bar.update(len(rows))
     bar.close()
     return outputs

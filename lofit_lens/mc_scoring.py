@@ -15,14 +15,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lofit_lens.batching import collate, encode_continuation, encode_prompt, left_pad, pad_id
+from lofit_lens.batching import Pair, collate, encode_pair, left_pad, pad_id
 from lofit_lens.hf_cache import (
     cache_reaches_attention, forward_with_cache, last_logits_only, left_pad_positions, new_cache,
     wrapped_hf_model,
 )
 from lofit_lens.hooked import hf_tokenizer, model_device, uses_bridge
 from lofit_lens.losses import sequence_logprobs
-from lofit_lens.tasks.base import ChoiceExample
+from lofit_lens.positions import answer_index_from_mask, answer_positions
+from lofit_lens.tasks.base import ChoiceExample, ProtocolName
 
 Ids = list[int]
 
@@ -30,38 +31,52 @@ Ids = list[int]
 @torch.no_grad()
 def choice_scores(model, examples: Sequence[ChoiceExample], batch_size: int = 16,
                   progress: bool = True, desc: str = "score",
-                  share_prefix: bool | None = None) -> list[Float[Tensor, " choice"]]:
+                  share_prefix: bool | None = None,
+                  protocol: ProtocolName = "official") -> list[Float[Tensor, " choice"]]:
     """Summed log-prob of ``" " + choice`` after each example's prompt, per choice.
 
     ``share_prefix``: score answers from the prompt's KV cache (``None``: on a bridge).
-    ``batch_size`` bounds the answer sequences per forward pass.
+    ``batch_size`` bounds the answer sequences per forward pass. ``protocol="official"``
+    tokenises prompt and answer together, as honest_llama's scorer does; an example whose
+    prompt tokens then differ between answers is scored one full sequence per answer.
     """
     share = uses_bridge(model) if share_prefix is None else share_prefix
     if share and not uses_bridge(model):
         raise ValueError("share_prefix=True needs a TransformerBridge (TL 4.x); a "
                          "HookedTransformer scores full sequences (share_prefix=False)")
     tok = hf_tokenizer(model)
-    prompts = [encode_prompt(tok, ex.prompt) for ex in examples]
-    answers = [[encode_continuation(tok, " " + c) for c in ex.choices] for ex in examples]
-    bar = tqdm(total=sum(map(len, answers)), desc=desc, disable=not progress, leave=False)
-    score = _shared_prefix_scores if share else _full_sequence_scores
-    scores = score(model, prompts, answers, batch_size, bar)
+    joint = protocol == "official"
+    pairs = [[encode_pair(tok, ex.prompt, " " + c, joint=joint, back_off=False) for c in ex.choices]
+             for ex in examples]
+    shared = [i for i, rows in enumerate(pairs) if share and all(p == rows[0][0] for p, _ in rows)]
+    rest = sorted(set(range(len(examples))) - set(shared))
+    bar = tqdm(total=sum(map(len, pairs)), desc=desc, disable=not progress, leave=False)
+    scores: list[Tensor] = [torch.zeros(0)] * len(examples)
+    if shared:
+        found = _shared_prefix_scores(model, [pairs[i][0][0] for i in shared],
+                                      [[a for _, a in pairs[i]] for i in shared], batch_size, bar)
+        for i, s in zip(shared, found):
+            scores[i] = s
+    if rest:
+        for i, s in zip(rest, _full_sequence_scores(model, [pairs[i] for i in rest], batch_size, bar)):
+            scores[i] = s
     bar.close()
     return scores
 
 
-def _full_sequence_scores(model, prompts: list[Ids], answers: list[list[Ids]], batch_size: int,
+def _full_sequence_scores(model, pairs: list[list[Pair]], batch_size: int,
                           bar) -> list[Float[Tensor, " choice"]]:
     """One forward per (prompt + answer) row, rows sorted by length and right-padded."""
-    rows = [(prompt, ans) for prompt, choices in zip(prompts, answers) for ans in choices]
+    rows = [pair for example in pairs for pair in example]
     flat = torch.zeros(len(rows))
     order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]) + len(rows[r][1]))
     for start in range(0, len(order), batch_size):
         picked = order[start:start + batch_size]
-        batch = collate([rows[r] for r in picked], pad_id(hf_tokenizer(model)))
-        flat[picked] = sequence_logprobs(model, batch.to(model_device(model))).cpu()
+        batch = collate([rows[r] for r in picked], pad_id(hf_tokenizer(model))).to(model_device(model))
+        with answer_positions(answer_index_from_mask(batch.target_mask)):
+            flat[picked] = sequence_logprobs(model, batch).cpu()
         bar.update(len(picked))
-    return list(flat.split([len(a) for a in answers]))
+    return list(flat.split([len(example) for example in pairs]))
 
 
 def _shared_prefix_scores(model, prompts: list[Ids], answers: list[list[Ids]], batch_size: int,
@@ -95,11 +110,13 @@ def _score_group(model, group: list[int], prompts: list[Ids], answers: list[list
     ans_positions = mask.sum(-1)[owner, None] + torch.arange(ans_tokens.shape[1], device=device)
     cache = new_cache(hf_model)
     with cache_reaches_attention(model):
-        logits = forward_with_cache(hf_model, tokens, mask, left_pad_positions(mask), cache,
-                                    **last_logits_only(hf_model))  # [group, 1, vocab]
+        with answer_positions(torch.full_like(tokens, -1)):
+            logits = forward_with_cache(hf_model, tokens, mask, left_pad_positions(mask), cache,
+                                        **last_logits_only(hf_model))  # [group, 1, vocab]
         cache.batch_select_indices(owner)
-        ans_logits = forward_with_cache(hf_model, ans_tokens, torch.cat([mask[owner], ans_mask], dim=1),
-                                        ans_positions, cache)  # [n, ans_pos, vocab]
+        with answer_positions(answer_index_from_mask(ans_mask)):
+            ans_logits = forward_with_cache(hf_model, ans_tokens, torch.cat([mask[owner], ans_mask], dim=1),
+                                            ans_positions, cache)  # [n, ans_pos, vocab]
     # The prompt's last position predicts answer token 0; answer position j predicts j + 1.
     predicting = torch.cat([logits[owner, -1:], ans_logits[:, :-1]], dim=1).float()
     token_lp = predicting.log_softmax(-1).gather(-1, ans_tokens[..., None]).squeeze(-1)

@@ -1,4 +1,10 @@
-"""Training data encoded once and turned into a loss per mini-batch (SFT or DPO)."""
+"""Training data encoded once and turned into a loss per mini-batch (SFT or DPO).
+
+Under the ``official`` protocol prompt and answer are tokenised together (``encode_pair``,
+joint), and DPO pairs are built as TRL 0.8.1's ``DPOTrainer`` builds them: BOS first even
+when the tokenizer adds none, EOS after each answer, the EOS log-prob counted. Under
+``clean`` the answer is tokenised on its own and DPO answers get neither.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.batching import collate, encode_continuation, encode_prompt, pad_id
+from lofit_lens.batching import Pair, collate, encode_pair, pad_id
 from lofit_lens.hooked import hf_tokenizer, model_device
 from lofit_lens.losses import dpo_loss, sequence_logprobs, sft_loss
-from lofit_lens.tasks.base import PreferenceExample, SFTExample, TrainingExample
+from lofit_lens.tasks.base import PreferenceExample, ProtocolName, SFTExample, TrainingExample
 
 
 class Objective(Protocol):
@@ -25,11 +31,12 @@ class Objective(Protocol):
 class SFTObjective:
     """Cross-entropy on target tokens (+ EOS, so generation learns to stop)."""
 
-    def __init__(self, model, examples: Sequence[SFTExample]):
+    def __init__(self, model, examples: Sequence[SFTExample], protocol: ProtocolName = "official"):
         tok = hf_tokenizer(model)
         self.pad = pad_id(tok)
         self.device = model_device(model)
-        self.pairs = [(encode_prompt(tok, ex.prompt), encode_continuation(tok, ex.target, add_eos=True))
+        joint = protocol == "official"
+        self.pairs = [encode_pair(tok, ex.prompt, ex.target, joint=joint, add_eos=True)
                       for ex in examples]
 
     def __len__(self) -> int:
@@ -41,33 +48,46 @@ class SFTObjective:
 
 
 class DPOObjective:
-    """DPO against the untouched model, whose log-probs are computed once here.
+    """DPO against a frozen reference's log-probs.
 
-    Build it before any intervention is attached: the reference is the model as it is now.
+    clean: the reference is the untouched model, computed once here (build it before any
+    intervention is attached). official: as TRL 0.8.1 with ``ref_model=None`` and
+    precomputed reference log-probs does in the authors' code, the reference is the model
+    with the step's freshly initialised intervention, recomputed at the start of each
+    training run (``reference_at_init``; ``train_intervention`` calls ``compute_reference``).
     """
 
     def __init__(self, model, examples: Sequence[PreferenceExample], beta: float,
-                 ref_batch_size: int = 16):
+                 ref_batch_size: int = 16, protocol: ProtocolName = "official"):
         tok = hf_tokenizer(model)
         self.beta = beta
         self.pad = pad_id(tok)
         self.device = model_device(model)
-        self.prompts = [encode_prompt(tok, ex.prompt) for ex in examples]
-        self.chosen = [encode_continuation(tok, ex.chosen) for ex in examples]
-        self.rejected = [encode_continuation(tok, ex.rejected) for ex in examples]
-        ref = []
-        with torch.no_grad():
-            for start in range(0, len(examples), ref_batch_size):
-                rows = range(start, min(start + ref_batch_size, len(examples)))
-                ref.append(self._logprobs(model, rows))
-        self.reference = torch.cat(ref) if ref else torch.zeros(0, 2)  # [n, 2]: chosen, rejected
+        trl = protocol == "official"
+
+        def encode(prompt: str, answer: str) -> Pair:
+            return encode_pair(tok, prompt, answer, joint=trl, add_eos=trl, force_bos=trl)
+
+        self.chosen = [encode(ex.prompt, ex.chosen) for ex in examples]
+        self.rejected = [encode(ex.prompt, ex.rejected) for ex in examples]
+        self.ref_batch_size = ref_batch_size
+        self.reference_at_init = trl
+        self.reference = torch.zeros(0, 2)  # [n, 2]: chosen, rejected
+        if not self.reference_at_init:
+            self.compute_reference(model)
+
+    @torch.no_grad()
+    def compute_reference(self, model) -> None:
+        """The reference log-probs of every pair under ``model`` as it runs now."""
+        ref = [self._logprobs(model, range(start, min(start + self.ref_batch_size, len(self))))
+               for start in range(0, len(self), self.ref_batch_size)]
+        self.reference = torch.cat(ref) if ref else torch.zeros(0, 2)
 
     def __len__(self) -> int:
-        return len(self.prompts)
+        return len(self.chosen)
 
     def _logprobs(self, model, indices: Sequence[int]) -> Float[Tensor, "batch 2"]:
-        pairs = [(self.prompts[i], self.chosen[i]) for i in indices]
-        pairs += [(self.prompts[i], self.rejected[i]) for i in indices]
+        pairs = [self.chosen[i] for i in indices] + [self.rejected[i] for i in indices]
         scores = sequence_logprobs(model, collate(pairs, self.pad).to(self.device))
         return torch.stack(scores.chunk(2), dim=-1).cpu()
 
@@ -77,12 +97,13 @@ class DPOObjective:
         return dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta)
 
 
-def build_objective(model, examples: Sequence[TrainingExample], dpo_beta: float) -> Objective:
+def build_objective(model, examples: Sequence[TrainingExample], dpo_beta: float,
+                    protocol: ProtocolName = "official") -> Objective:
     """SFT for ``SFTExample`` rows, DPO for ``PreferenceExample`` rows (no mixing)."""
     if not examples:
         raise ValueError("No training examples")
     if all(isinstance(ex, SFTExample) for ex in examples):
-        return SFTObjective(model, examples)
+        return SFTObjective(model, examples, protocol)
     if all(isinstance(ex, PreferenceExample) for ex in examples):
-        return DPOObjective(model, examples, beta=dpo_beta)
+        return DPOObjective(model, examples, beta=dpo_beta, protocol=protocol)
     raise TypeError("Training examples mix SFT and preference rows")

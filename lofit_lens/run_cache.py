@@ -37,9 +37,9 @@ from lofit_lens.training import (
 )
 
 STEP1_FIELDS = ("seed", "l1_lambda", "lr_select", "epochs_select", "batch_size", "init_std",
-                "weight_decay", "adam_eps", "dpo_beta")
+                "weight_decay", "adam_eps", "dpo_beta", "protocol", "max_grad_norm")
 STEP2_FIELDS = ("seed", "lr_bias", "epochs_bias", "batch_size", "init_std", "weight_decay",
-                "adam_eps", "dpo_beta")
+                "adam_eps", "dpo_beta", "protocol", "max_grad_norm")
 EVAL_SPLIT = "test"
 
 

@@ -61,11 +61,18 @@ class BiasTuning:
 # ---------------------------------------------------------------------- configuration
 def resolve_run(task: TaskLike, config: Optional[LoFiTConfig], overrides: dict[str, Any]) -> tuple[Task, LoFiTConfig]:
     """The task object and a config with overrides applied and task defaults filled in."""
-    task_obj = task if isinstance(task, Task) else get_task(task, **_task_options(config, overrides))
-    base = config or LoFiTConfig(task=task_obj.name)
+    base = config or LoFiTConfig(task=task if isinstance(task, str) else task.name)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(LoFiTConfig)}
     if unknown:
         raise TypeError(f"Unknown LoFiT options: {sorted(unknown)}")
+    if isinstance(task, Task):  # a task object brings its protocol
+        if overrides.get("protocol", task.protocol) != task.protocol:
+            raise ValueError(f"protocol={overrides['protocol']!r} contradicts the task's "
+                             f"{task.protocol!r}: build the task with that protocol")
+        task_obj, overrides = task, {**overrides, "protocol": task.protocol}
+    else:
+        protocol = overrides.get("protocol", base.protocol)
+        task_obj = get_task(task, protocol=protocol, **_task_options(config, overrides))
     cfg = dataclasses.replace(base, task=task if isinstance(task, str) else task_obj.name, **overrides)
     return task_obj, cfg.resolved(task_obj.hyperparams)
 
@@ -98,22 +105,30 @@ def train_intervention(
     seed: int,
     weight_decay: float = 0.0,
     adam_eps: float = 1e-8,
+    max_grad_norm: float = 0.0,
     desc: str = "train",
     progress: bool = True,
 ) -> dict[str, Any]:
     """AdamW with linear decay to zero (no warm-up); ``l1_lambda * sum|A|`` is added when the
-    scale trains. Returns the loss history (per step, per epoch, validation per epoch)."""
+    scale trains; gradients of loss and penalty together are clipped to ``max_grad_norm``
+    (total norm, as HF's Trainer does; 0: no clipping). Returns the loss history (per step,
+    per epoch, validation per epoch) and how many steps were clipped."""
     params = intervention.trainable()
     optimizer = torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = max(1, epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total)
     shuffle = torch.Generator().manual_seed(seed)
-    history: dict[str, Any] = {"step_loss": [], "epoch_loss": [], "val_loss": []}
+    history: dict[str, Any] = {"step_loss": [], "epoch_loss": [], "val_loss": [], "clipped_steps": 0}
     use_l1 = intervention.use_scale and l1_lambda > 0
 
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     with intervention.attach(model):
+        if getattr(train, "reference_at_init", False):  # official DPO: TRL's reference
+            intervention.eval()
+            train.compute_reference(model)
+        if getattr(val, "reference_at_init", False):  # TRL: at the first evaluation
+            val.reference = torch.zeros(0, 2)
         for epoch in range(epochs):
             intervention.train()  # e.g. LoRA dropout on; validation below runs in eval mode
             order = torch.randperm(len(train), generator=shuffle).tolist()
@@ -123,6 +138,9 @@ def train_intervention(
                 total_loss = loss + l1_lambda * intervention.scale.abs().sum() if use_l1 else loss
                 optimizer.zero_grad(set_to_none=True)
                 total_loss.backward()
+                if max_grad_norm > 0:
+                    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    history["clipped_steps"] += int(norm > max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 epoch_losses.append(loss.item())
@@ -143,6 +161,8 @@ def train_intervention(
 @torch.no_grad()
 def validation_loss(model, objective: Objective, batch_size: int) -> float:
     """Mean task loss over ``objective`` (call with the intervention attached)."""
+    if getattr(objective, "reference_at_init", False) and len(objective.reference) != len(objective):
+        objective.compute_reference(model)
     losses, weights = [], []
     for start in range(0, len(objective), batch_size):
         rows = list(range(start, min(start + batch_size, len(objective))))
@@ -163,8 +183,8 @@ class TrainingSet:
     @classmethod
     def build(cls, model, task: Task, cfg: LoFiTConfig) -> "TrainingSet":
         train, val = training_data(task, cfg)
-        return cls(build_objective(model, train, cfg.dpo_beta),
-                   build_objective(model, val, cfg.dpo_beta) if val else None,
+        return cls(build_objective(model, train, cfg.dpo_beta, cfg.protocol),
+                   build_objective(model, val, cfg.dpo_beta, cfg.protocol) if val else None,
                    hash_examples(train))
 
 
@@ -182,7 +202,8 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
     history = train_intervention(
         model, intervention, train, val, epochs=cfg.epochs_select, lr=cfg.lr_select,
         l1_lambda=cfg.l1_lambda, batch_size=cfg.batch_size, seed=cfg.seed,
-        weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, desc="step 1: select heads",
+        weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm,
+        desc="step 1: select heads",
         progress=progress,
     )
     history.update(seconds=time.perf_counter() - start, data_hash=data_hash, n_train=len(train))
@@ -208,7 +229,8 @@ def tune_biases(model, task: TaskLike, heads: Optional[Sequence[Head]], *,
     history = train_intervention(
         model, intervention, train, val, epochs=cfg.epochs_bias, lr=cfg.lr_bias,
         l1_lambda=0.0, batch_size=cfg.batch_size, seed=cfg.seed + 1,
-        weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, desc="step 2: tune biases",
+        weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm,
+        desc="step 2: tune biases",
         progress=progress,
     )
     history.update(seconds=time.perf_counter() - start, data_hash=data_hash, n_train=len(train),

@@ -69,15 +69,18 @@ def _o_proj_bias_hooks(hf_model, bias: torch.Tensor, mask: torch.Tensor) -> list
 
 
 @torch.no_grad()
-def reference_generate(hf_model, tok, prompts: list[str], max_new_tokens: int, batch: int = 16) -> list[str]:
-    """A plain HF generate loop: batches of 16 in file order, left-padded, no stop strings."""
+def reference_generate(hf_model, tok, prompts: list[str], max_new_tokens: int,
+                       with_prompt: bool, batch: int = 16) -> list[str]:
+    """A plain HF generate loop: batches of 16 in file order, left-padded, no stop strings;
+    whole rows decoded (``with_prompt``, as the authors' code does) or the new tokens."""
     tok.padding_side = "left"
     texts = []
     for start in range(0, len(prompts), batch):
         enc = tok(prompts[start:start + batch], return_tensors="pt", padding=True)
         out = hf_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tok.pad_token_id)
-        texts += tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        texts += tok.batch_decode(out if with_prompt else out[:, enc.input_ids.shape[1]:],
+                                  skip_special_tokens=True)
     return texts
 
 
@@ -95,7 +98,8 @@ def eval_vs_reference(model, name: str, result_dir: str, n: int) -> dict:
         times["lofit_lens"].append(time.perf_counter() - start)
         handles = _o_proj_bias_hooks(hf_model, result.bias, result.selected_mask)
         start = time.perf_counter()
-        texts = reference_generate(hf_model, tok, [ex.prompt for ex in examples], task.max_new_tokens)
+        texts = reference_generate(hf_model, tok, [ex.prompt for ex in examples], task.max_new_tokens,
+                                   task.parse_with_prompt)
         ref_hits = [task.is_correct(task.parse(t), ex) for t, ex in zip(texts, examples)]
         times["reference"].append(time.perf_counter() - start)
         for handle in handles:

@@ -105,7 +105,7 @@ def test_dpo_reference_is_the_untouched_model(tiny_model):
     pairs = [PreferenceExample("Q: sky? A:", " blue.", " green."),
              PreferenceExample("Q: snow? A:", " white.", " black cats.")]
     iv = HeadIntervention.for_model(tiny_model, use_scale=False).set_heads(None).init_normal(0.5)
-    objective = DPOObjective(tiny_model, pairs, beta=0.5)
+    objective = DPOObjective(tiny_model, pairs, beta=0.5, protocol="clean")
     expected = torch.tensor([float(s) for ex in one_at_a_time(
         tiny_model, [ChoiceExample(p.prompt, (p.chosen[1:], p.rejected[1:]), (0,)) for p in pairs])
         for s in ex]).reshape(2, 2)

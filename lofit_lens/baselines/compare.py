@@ -146,7 +146,8 @@ def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame
     for name in methods:
         mine = [c for c in cells if c["method"] == name]
         split = mine[0]["split"]
-        names = [m for m in mine[0]["metrics"][split] if m != "n"]
+        names = [m for m, v in mine[0]["metrics"][split].items()
+                 if m != "n" and isinstance(v, (int, float))]  # not "match", a mode name
         folds = sorted({c["fold"] for c in mine if c["fold"] is not None})
         row: dict[str, Any] = {"method": name}
         for m in names:

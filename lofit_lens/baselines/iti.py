@@ -10,8 +10,19 @@ code) and the answer appended, read at the last answer token:
   example drawn with the seed among those whose answer is not accepted for this prompt (0).
 
 Questions are split 4:1 (seeded) into probe train/val; heads rank by validation accuracy.
-theta (mean true - mean false, unit length) and sigma (std of all activations projected on
-theta) use all probe data, as ITI's code does.
+theta (mean true - mean false, unit length) uses all probe data, as ITI's code does.
+
+Under the ``official`` protocol on TruthfulQA, as honest_llama (the copy lo-fit bundles) does:
+- probes train on the fold's train CSV and validate on its val CSV; theta uses both;
+- sigma is the std of the projections of last-token activations of
+  ``"Q: {q} A: {answer} Q: {random other question}"`` over every answer of every question
+  of the fold's three CSVs (all 817, test included), true and false alike;
+- the shift is added on answer tokens only during MC scoring, from the position honest_llama
+  computes as "context + 4" (the second answer token when "\nA:" is three tokens), and on
+  the last position of each forward pass during generation.
+Its probe answers come from HF's ``truthful_qa`` multiple-choice set, which is not here
+offline; the CSV's correct and incorrect answers stand in for them (docs/protocol.md).
+``clean``: the 4:1 split, sigma over the probe data, the shift at every position.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Optional, Sequence
 
 import einops
 import numpy as np
@@ -28,11 +39,12 @@ from jaxtyping import Float, Int
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from lofit_lens.batching import collate, encode_continuation, encode_prompt, pad_id
+from lofit_lens.batching import collate, encode_pair, pad_id
 from lofit_lens.hooked import (
     ModelDims, attached_hooks, hf_tokenizer, hook_z_name, model_device, model_dims,
 )
 from lofit_lens.intervention import Head, HeadIntervention, top_heads
+from lofit_lens.positions import current_answer_index
 from lofit_lens.tasks.base import ChoiceExample, Example, GenerationExample, Task
 
 VAL_FRACTION = 0.2
@@ -81,16 +93,18 @@ def statements(task: Task, examples: Sequence[Example], seed: int) -> Statements
 
 def _other_answer(ex: GenerationExample, examples: Sequence[Example], rng: random.Random) -> list[str]:
     """The target of a random other example whose answer ``ex`` does not accept (or none)."""
-    wrong = [o.target for o in examples if o.target.strip().lower() not in ex.answers]
+    accepted = {a.strip().lower() for a in ex.answers}
+    wrong = [o.target for o in examples if o.target.strip().lower() not in accepted]
     return [rng.choice(wrong)] if wrong else []
 
 
 @torch.no_grad()
-def head_activations(model, pairs: Sequence[tuple[str, str]],
-                     batch_size: int = 16) -> Float[Tensor, "n layer head d_head"]:
-    """``hook_z`` of every head at the last token of prompt + answer (right-padded batches)."""
+def head_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
+                     joint: bool = False) -> Float[Tensor, "n layer head d_head"]:
+    """``hook_z`` of every head at the last token of prompt + answer (right-padded batches;
+    ``joint``: the two tokenised as one string, as honest_llama does)."""
     tok, dims = hf_tokenizer(model), model_dims(model)
-    encoded = [(encode_prompt(tok, p), encode_continuation(tok, a)) for p, a in pairs]
+    encoded = [encode_pair(tok, p, a, joint=joint) for p, a in pairs]
     out = torch.zeros(len(encoded), dims.n_layers, dims.n_heads, dims.d_head)
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start:start + batch_size], pad_id(tok)).to(model_device(model))
@@ -109,9 +123,12 @@ def head_activations(model, pairs: Sequence[tuple[str, str]],
 
 
 def fit_probes(acts: Float[Tensor, "n layer head d_head"], labels: Int[Tensor, " n"],
-               groups: Int[Tensor, " n"], seed: int) -> Probes:
-    """A logistic-regression probe per head on a 4:1 split of the groups (questions)."""
-    is_val = _val_rows(groups, seed)
+               groups: Int[Tensor, " n"], seed: int, is_val: Optional[np.ndarray] = None,
+               sigma_acts: Optional[Float[Tensor, "m layer head d_head"]] = None) -> Probes:
+    """A logistic-regression probe per head, trained on the rows not in ``is_val`` (default:
+    a seeded 4:1 split of the groups, i.e. questions) and scored on the rest. sigma: the std
+    of ``sigma_acts`` (default: ``acts``) projected on theta."""
+    is_val = _val_rows(groups, seed) if is_val is None else is_val
     if is_val.all() or not is_val.any():
         raise ValueError("ITI probes need at least two questions (a train and a val part)")
     y = labels.numpy()
@@ -125,8 +142,9 @@ def fit_probes(acts: Float[Tensor, "n layer head d_head"], labels: Int[Tensor, "
             accuracy[layer, head] = float(probe.score(x[is_val], y[is_val]))
     direction = acts[labels == 1].mean(0) - acts[labels == 0].mean(0)
     direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    projected = einops.einsum(acts, direction, "n layer head d, layer head d -> n layer head")
-    return Probes(accuracy, direction, projected.std(dim=0))
+    spread = acts if sigma_acts is None else sigma_acts
+    projected = einops.einsum(spread, direction, "n layer head d, layer head d -> n layer head")
+    return Probes(accuracy, direction, projected.std(dim=0, unbiased=False))
 
 
 def _val_rows(groups: Int[Tensor, " n"], seed: int) -> np.ndarray:
@@ -137,13 +155,66 @@ def _val_rows(groups: Int[Tensor, " n"], seed: int) -> np.ndarray:
     return np.array([g in held for g in groups.tolist()])
 
 
-def iti_intervention(dims: ModelDims, probes: Probes, heads: Sequence[Head],
-                     alpha: float) -> HeadIntervention:
+Where = Literal["all", "last", "answer"]
+
+
+class ITIShift(HeadIntervention):
+    """ITI's frozen shift at ``hook_z``, applied ``where`` honest_llama applies it:
+    ``all`` positions, the ``last`` position of each forward (generation), or ``answer``
+    tokens of MC scoring from index ``answer_offset`` on (``lofit_lens.positions``)."""
+
+    def __init__(self, dims: ModelDims, where: Where = "all", answer_offset: int = 0):
+        super().__init__(dims, use_scale=False, use_bias=True)
+        if where not in ("all", "last", "answer"):
+            raise ValueError(f"where must be 'all', 'last' or 'answer', got {where!r}")
+        self.where, self.answer_offset = where, answer_offset
+
+    def edit(self, z: Float[Tensor, "batch pos head d_head"], layer: int) -> Float[Tensor, "batch pos head d_head"]:
+        if self.where == "all":
+            return super().edit(z, layer)
+        offset = (self.bias[layer] * self.head_mask[layer, :, None]).to(z.dtype)  # [head, d_head]
+        if self.where == "last":
+            at = torch.zeros(z.shape[:2], dtype=torch.bool, device=z.device)
+            at[:, -1] = True
+        else:
+            index = current_answer_index()
+            if index is None or tuple(index.shape) != tuple(z.shape[:2]):
+                raise RuntimeError("An ITI shift on answer tokens needs multiple-choice scoring "
+                                   "(lofit_lens.mc_scoring) to say where the answers are")
+            at = index.to(z.device) >= self.answer_offset
+        return z + einops.einsum(at.to(z.dtype), offset, "b p, head d -> b p head d")
+
+
+def honest_llama_answer_offset(tokenizer, prompt: str) -> int:
+    """Where honest_llama's MC shift starts within the answer: it edits from "context + 4",
+    the context being the prompt without its final "\nA:", on the belief that "\nA: " is
+    4 tokens. With "\nA:" as c tokens that is answer index 4 - c (1 on Llama and SmolLM2)."""
+    if not prompt.endswith("\nA:"):
+        return 0
+    c = len(tokenizer(prompt).input_ids) - len(tokenizer(prompt[:-3]).input_ids)
+    return max(0, 4 - c)
+
+
+def iti_intervention(dims: ModelDims, probes: Probes, heads: Sequence[Head], alpha: float,
+                     where: Where = "all", answer_offset: int = 0) -> ITIShift:
     """The ITI shift as a frozen bias at ``hook_z`` (0 trainable parameters)."""
-    intervention = HeadIntervention(dims, use_scale=False, use_bias=True).set_heads(heads)
+    intervention = ITIShift(dims, where, answer_offset).set_heads(heads)
     shift = alpha * probes.sigma[..., None] * probes.direction
     with torch.no_grad():
         intervention.bias.copy_(shift * intervention.head_mask[..., None])
     intervention.bias.requires_grad_(False)
     return intervention
+
+
+def end_q_statements(examples: Sequence[ChoiceExample], seed: int) -> list[tuple[str, str]]:
+    """honest_llama's sigma rows: ``("Q: {q} A:", " {answer} Q: {random question}")`` for
+    every answer of every example (read at the last token)."""
+    rng = np.random.default_rng(seed)
+    questions = [ex.meta["question"] for ex in examples]
+    rows = []
+    for ex in examples:
+        for answer in ex.choices:
+            other = questions[int(rng.integers(len(questions)))]
+            rows.append((f"Q: {ex.meta['question']} A:", f" {answer} Q: {other}"))
+    return rows
 

@@ -14,14 +14,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from lofit_lens.baselines.iti import Probes, fit_probes, head_activations, iti_intervention, statements
+from lofit_lens.baselines.iti import (
+    Probes, end_q_statements, fit_probes, head_activations, honest_llama_answer_offset, iti_intervention,
+    statements,
+)
 from lofit_lens.baselines.lora import train_lora
 from lofit_lens.baselines.selectors import probe_layer_heads
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import model_dims
+from lofit_lens.hooked import hf_tokenizer, model_dims
 from lofit_lens.intervention import Head, top_heads
 from lofit_lens.run_cache import random_heads
 from lofit_lens.tasks.base import Task
+from lofit_lens.tasks.truthfulqa import TruthfulQA
 from lofit_lens.training import select_heads, tune_biases
 
 
@@ -58,13 +62,28 @@ class RunContext:
         self._probes: Optional[Probes] = None
         self.probe_seconds: Optional[float] = None
 
+    @property
+    def honest_llama(self) -> bool:
+        """ITI as honest_llama runs it (official protocol, TruthfulQA's CSV splits)."""
+        return self.task.protocol == "official" and isinstance(self.task, TruthfulQA)
+
     def probes(self) -> Probes:
         if self._probes is None:
             start = time.perf_counter()
-            found = statements(self.task, self.task.train_examples(self.cfg.seed, self.cfg.max_train_examples),
-                               self.cfg.seed)
-            acts = head_activations(self.model, found.pairs, self.cfg.eval_batch_size)
-            self._probes = fit_probes(acts, found.labels, found.groups, self.cfg.seed)
+            train = self.task.train_examples(self.cfg.seed, self.cfg.max_train_examples)
+            joint, batch = self.task.protocol == "official", self.cfg.eval_batch_size
+            if self.honest_llama:  # train CSV fits, val CSV scores; sigma from all questions
+                val = self.task.examples("val")
+                found = statements(self.task, [*train, *val], self.cfg.seed)
+                is_val = (found.groups >= len(train)).numpy()
+                everything = [ex for split in ("train", "val", "test") for ex in self.task.examples(split)]
+                sigma_acts = head_activations(self.model, end_q_statements(everything, self.cfg.seed),
+                                              batch, joint=True)
+            else:
+                found, is_val, sigma_acts = statements(self.task, train, self.cfg.seed), None, None
+            acts = head_activations(self.model, found.pairs, batch, joint=joint)
+            self._probes = fit_probes(acts, found.labels, found.groups, self.cfg.seed,
+                                      is_val=is_val, sigma_acts=sigma_acts)
             self.probe_seconds = time.perf_counter() - start
         return self._probes
 
@@ -85,7 +104,15 @@ def iti(ctx: RunContext) -> MethodRun:
     """ITI: a fixed shift on the K heads whose probes validate best (0 trained params)."""
     probes = ctx.probes()
     heads = probes.top(ctx.k)
-    return MethodRun(iti_intervention(ctx.dims, probes, heads, ctx.options.iti_alpha), 0, heads,
+    where, offset = "all", 0
+    if ctx.task.protocol == "official":  # honest_llama: answer tokens in MC, last token in generation
+        if ctx.task.kind == "multiple_choice":
+            prompt = ctx.task.eval_examples("test", 1)[0].prompt
+            where, offset = "answer", honest_llama_answer_offset(hf_tokenizer(ctx.model), prompt)
+        else:
+            where = "last"
+    shift = iti_intervention(ctx.dims, probes, heads, ctx.options.iti_alpha, where, offset)
+    return MethodRun(shift, 0, heads,
                      {"probe_parameters": ctx.dims.total_heads * probes.parameters_per_probe(),
                       "uses_probes": True})
 

@@ -25,6 +25,17 @@ from typing import Any, ClassVar, Literal, Sequence, Union
 SPLITS = ("train", "val", "test")
 DATA_DIR_ENV = "LOFIT_DATA_DIR"
 
+ProtocolName = Literal["official", "clean"]
+PROTOCOLS: tuple[str, ...] = ("official", "clean")
+"""``official``: the authors' code point by point (fc2869/lo-fit, honest_llama, TRL 0.8.1);
+``clean``: the paper's text with their quirks removed. docs/protocol.md lists each difference."""
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}: expected one of {PROTOCOLS}")
+    return protocol
+
 
 @dataclass(frozen=True)
 class GenerationExample:
@@ -142,10 +153,11 @@ class Task(ABC):
     max_new_tokens: ClassVar[int] = 16
     stop_strings: ClassVar[tuple[str, ...]] = ("\n",)
     train_sample_size: ClassVar[int | None] = None
-    """If set, training uses this many examples sampled with the run's seed (CLUTRR: 300)."""
+    """If set, training uses this many examples sampled with ``train_sample_seed`` (CLUTRR: 300)."""
 
-    def __init__(self, data_dir: str | Path | None = None):
+    def __init__(self, data_dir: str | Path | None = None, protocol: ProtocolName = "official"):
         self.data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        self.protocol = check_protocol(protocol)
         self._cache: dict[str, list[Example]] = {}
 
     @abstractmethod
@@ -159,12 +171,16 @@ class Task(ABC):
             self._cache[split] = self.load_split(split)
         return self._cache[split]
 
+    def train_sample_seed(self, seed: int) -> int:
+        """The seed of the ``train_sample_size`` sample: the run's own seed by default."""
+        return seed
+
     def train_examples(self, seed: int, max_examples: int | None = None) -> list[Example]:
         """The training set of a run: the task's seeded sample, then at most ``max_examples``."""
         rows = list(self.examples("train"))
         n = self.train_sample_size
         if n is not None and len(rows) > n:
-            rows = random.Random(seed).sample(rows, n)
+            rows = random.Random(self.train_sample_seed(seed)).sample(rows, n)
         if max_examples is not None and len(rows) > max_examples:
             rows = random.Random(seed + 1).sample(rows, max_examples)
         return rows
@@ -178,9 +194,21 @@ class Task(ABC):
             rows = [rows[i] for i in keep]
         return rows
 
-    def parse(self, completion: str) -> str:
-        """Generated text after the prompt -> normalised prediction (generation tasks)."""
-        return completion.split("\n")[0].strip().lower()
+    @property
+    def parse_with_prompt(self) -> bool:
+        """Whether ``parse`` reads prompt + output decoded together (the authors' code does)
+        rather than the output alone."""
+        return False
+
+    def parse(self, text: str) -> str:
+        """Generated text (see ``parse_with_prompt``) -> normalised prediction."""
+        return text.split("\n")[0].strip().lower()
+
+    @property
+    def match_mode(self) -> str:
+        """How ``is_correct`` compares (reported in metrics): the built-in tasks compare the
+        parsed prediction with their answers exactly."""
+        return "exact"
 
     def is_correct(self, prediction: str, example: GenerationExample) -> bool:
         return prediction in example.answers
@@ -200,4 +228,4 @@ class Task(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "loss": self.loss,
-                "data_dir": str(self.data_dir)}
+                "protocol": self.protocol, "data_dir": str(self.data_dir)}

@@ -4,7 +4,9 @@ Two kinds of rows, told apart by their fields (or pass ``kind=``):
 
 - generation: ``prompt`` and ``answer``, a string or a list of accepted answers. The first
   answer, exactly as written, is the SFT target (so put the separating space in the prompt
-  or the answer); all answers are matched after ``strip().lower()``, like predictions.
+  or the answer). The output up to the first stop string is compared with every answer by
+  ``match`` (``lofit_lens.tasks.matching``): ``"normalized"`` (SQuAD-style, the default),
+  ``"exact"`` (``strip().lower()`` equality) or ``"prefix"``; metrics name the mode used.
 - multiple choice: ``prompt``, ``choices`` (a list) and ``correct`` (an index or a list of
   indices; the first is the "best" answer for MC1 and training). Choices are scored after
   the prompt plus a space, so a prompt ends like ``"Q: ... A:"``. Training is SFT on the best
@@ -43,9 +45,11 @@ from lofit_lens.tasks.base import (
     DataError,
     Example,
     GenerationExample,
+    ProtocolName,
     Task,
     TaskHyperparams,
 )
+from lofit_lens.tasks.matching import MatchMode, answer_matches, check_match_mode
 
 Kind = Literal["generation", "multiple_choice"]
 PathLike = Union[str, Path]
@@ -72,11 +76,14 @@ class FileTask(Task):
         stop_strings: Sequence[str] = ("\n",),
         split_seed: int = 0,
         name: Optional[str] = None,
+        match: MatchMode = "normalized",
+        protocol: ProtocolName = "official",
     ):
         self.files = _split_files(path)
         first = next(iter(self.files.values()))
-        super().__init__(first.parent)
+        super().__init__(first.parent, protocol)
         _check_options(kind, loss, max_new_tokens, stop_strings)
+        self.match = check_match_mode(match)
         self.name = name or first.stem
         self.loss = loss
         self.max_new_tokens = max_new_tokens
@@ -91,11 +98,18 @@ class FileTask(Task):
         make = _generation_example if self.kind == "generation" else _choice_example
         return [make(row) for row in self.dataset[split]]
 
-    def parse(self, completion: str) -> str:
-        """Text before the first stop string, stripped and lower-cased."""
+    @property
+    def match_mode(self) -> str:
+        return self.match
+
+    def parse(self, text: str) -> str:
+        """The output before the first stop string, stripped (``match`` does the rest)."""
         for stop in self.stop_strings:
-            completion = completion.split(stop)[0]
-        return completion.strip().lower()
+            text = text.split(stop)[0]
+        return text.strip()
+
+    def is_correct(self, prediction: str, example: GenerationExample) -> bool:
+        return answer_matches(prediction, example.answers, self.match)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -105,6 +119,7 @@ class FileTask(Task):
             "rows": {split: len(self.dataset[split]) for split in SPLITS},
             "max_new_tokens": self.max_new_tokens,
             "stop_strings": list(self.stop_strings),
+            "match": self.match,
         }
 
 
@@ -143,7 +158,7 @@ def _generation_example(row: dict[str, Any]) -> GenerationExample:
     answers = row["answers"]
     return GenerationExample(
         prompt=row["prompt"],
-        answers=tuple(dict.fromkeys(a.strip().lower() for a in answers)),
+        answers=tuple(dict.fromkeys(answers)),
         target=answers[0],
         meta={"file": row["file"], "line": row["line"]},
     )

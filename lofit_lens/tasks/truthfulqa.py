@@ -25,6 +25,7 @@ from lofit_lens.tasks.base import (
     ChoiceExample,
     Example,
     PreferenceExample,
+    ProtocolName,
     SFTExample,
     Task,
     TaskHyperparams,
@@ -77,8 +78,8 @@ class TruthfulQA(Task):
     hyperparams = TaskHyperparams(l1_lambda=5e-4, lr_select=5e-3, lr_bias=1e-2)
 
     def __init__(self, data_dir: str | Path | None = None, fold: int = 0,
-                 loss: Literal["sft", "dpo"] = "dpo"):
-        super().__init__(data_dir)
+                 loss: Literal["sft", "dpo"] = "dpo", protocol: ProtocolName = "official"):
+        super().__init__(data_dir, protocol)
         if fold not in (0, 1):
             raise ValueError(f"TruthfulQA fold must be 0 or 1, got {fold!r}")
         if loss not in ("sft", "dpo"):
@@ -90,16 +91,21 @@ class TruthfulQA(Task):
         name = f"truthfulqa/fold_{self.fold}_{split}_seed_42.csv"
         require_files(self.data_dir, [name], ORIGIN)
         with open(self.data_dir / name, newline="", encoding="utf-8") as f:
-            return [truthfulqa_example(row) for row in csv.DictReader(f)]
+            return [truthfulqa_example(row, keep_duplicates=self.protocol == "official")
+                    for row in csv.DictReader(f)]
 
     def training_examples(self, examples: Sequence[Example]) -> list[TrainingExample]:
         """The short-prompt DPO pair (or SFT target) of each question, from ``meta``."""
         out: list[TrainingExample] = []
+        space = "" if self.protocol == "official" else " "
         for ex in examples:
             prompt = TRAIN_PROMPT.format(question=ex.meta["question"])
-            best = " " + ex.meta["best_answer"]
+            best, worst = ex.meta["best_answer"], ex.meta["first_incorrect"]
+            if self.protocol == "clean":
+                best, worst = best.strip(), worst.strip()
+            best, worst = space + best, space + worst
             if self.loss == "dpo":
-                out.append(PreferenceExample(prompt, best, " " + ex.meta["first_incorrect"]))
+                out.append(PreferenceExample(prompt, best, worst))
             else:
                 out.append(SFTExample(prompt, best))
         return out
@@ -119,21 +125,33 @@ def close(answer: str) -> str:
     return answer if answer.endswith(".") else answer + "."
 
 
-def truthfulqa_example(row: dict[str, str]) -> ChoiceExample:
-    """One CSV row -> the evaluation prompt, the choices and the indices of the true ones."""
-    true = [close(row["Best Answer"]), *split_answers(row["Correct Answers"])]
-    false = split_answers(row["Incorrect Answers"])
-    choices = list(dict.fromkeys(true + false))
+def truthfulqa_example(row: dict[str, str], keep_duplicates: bool = True) -> ChoiceExample:
+    """One CSV row -> the evaluation prompt, the choices and the indices of the true ones,
+    the best answer's first (MC1 compares it with every false answer).
+
+    ``keep_duplicates`` (official): the choices are the ``Correct Answers`` and ``Incorrect
+    Answers`` lists exactly as honest_llama scores them, repeats included; the best answer
+    is found among the correct ones. Otherwise the best answer comes first and a repeated
+    answer counts once, where it first appears.
+    """
+    best = close(row["Best Answer"])
+    true, false = split_answers(row["Correct Answers"]), split_answers(row["Incorrect Answers"])
+    if keep_duplicates and best in true:
+        at = true.index(best)
+        correct = (at, *(i for i in range(len(true)) if i != at))
+    else:
+        true = list(dict.fromkeys([best, *true]))
+        false = [a for a in dict.fromkeys(false) if a not in true]
+        correct = tuple(range(len(true)))
     question = row["Question"]
     return ChoiceExample(
         prompt=EVAL_PROMPT.format(question=question),
-        choices=tuple(choices),
-        correct=tuple(range(len(dict.fromkeys(true)))),
+        choices=tuple(true + false),
+        correct=correct,
         meta={
             "question": question,
-            "best": 0,
             "category": row["Category"],
-            "best_answer": row["Best Answer"].strip(),
-            "first_incorrect": row["Incorrect Answers"].split("; ")[0].strip(),
+            "best_answer": row["Best Answer"],
+            "first_incorrect": row["Incorrect Answers"].split("; ")[0],
         },
     )
