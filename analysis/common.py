@@ -83,6 +83,9 @@ def parser(module: str, description: str, k: Optional[float],
     p.add_argument("--epochs", type=int, nargs="+", metavar="N",
                    help="override the budget: epochs for both steps, or step 1 and step 2")
     p.add_argument("--truthfulqa-fold", type=int, default=0, choices=(0, 1))
+    p.add_argument("--protocol", default="official", choices=("official", "clean"),
+                   help="the authors' code point by point (default) or without their quirks "
+                        "(docs/protocol.md)")
     p.add_argument("--data-dir", help="folder of the LoFiT splits (default: lofit_lens's)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -103,7 +106,7 @@ def run_options(args, k=None, total_heads: Optional[int] = None,
     the heads when ``k`` selects at least 10% of ``total_heads``) and the command-line
     overrides."""
     budget = BUDGETS[args.budget]
-    overrides = dict(budget.overrides)
+    overrides = dict(budget.overrides, protocol=getattr(args, "protocol", "official"))
     if args.max_train_examples is not None:
         overrides["max_train_examples"] = args.max_train_examples or None
     if args.epochs:

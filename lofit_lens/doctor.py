@@ -19,7 +19,7 @@ import torch
 
 from lofit_lens.errors import GOTCHAS, BrokenEnvironmentError
 from lofit_lens.generation import greedy_generate
-from lofit_lens.hf_cache import live_cache_aliases
+from lofit_lens.hf_cache import greedy_config, live_cache_aliases
 from lofit_lens.hooked import hf_tokenizer, model_device, model_dims, model_id, uses_bridge
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.tasks.base import ChoiceExample
@@ -192,8 +192,8 @@ def _vs_plain_hf(model) -> tuple[str, str]:
     for prompt in PROMPTS:
         ids = torch.tensor([tok(prompt).input_ids], device=model_device(model))
         with torch.no_grad():
-            out = hf_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                    pad_token_id=tok.pad_token_id)
+            out = hf_model.generate(ids, generation_config=greedy_config(
+                NEW_TOKENS, tok.pad_token_id, tok.eos_token_id))
         new = out[0, ids.shape[1]:].tolist()
         if tok.eos_token_id in new:
             new = new[:new.index(tok.eos_token_id)]

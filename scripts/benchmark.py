@@ -87,7 +87,7 @@ def reference_generate(hf_model, tok, prompts: list[str], max_new_tokens: int,
 def eval_vs_reference(model, name: str, result_dir: str, n: int) -> dict:
     """``ll.evaluate`` vs the reference loop, same prompts and v (see the module docstring)."""
     result = ll.LoFiTResult.load(result_dir, model=model)
-    task = ll.get_task(result.config.task)
+    task = ll.get_task(result.config.task, protocol=result.config.protocol)
     examples = task.eval_examples("test", n)
     intervention = result.intervention()
     hf_model, tok = ll.load_hf(name, device="cpu")

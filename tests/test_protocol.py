@@ -321,3 +321,15 @@ def test_file_task_match_is_reported(tiny_model, tiny_task_file):
     assert metrics["match"] == "normalized"
     with pytest.raises(ValueError, match="match must be"):
         ll.get_task(str(tiny_task_file), match="fuzzy")
+
+
+def test_official_parse_sees_prompt_and_output_decoded_together(tiny_model, tiny_tokenizer, tmp_path):
+    prompt = clutrr_example(CLUTRR_ROW, "official").prompt.lower()
+    full = ll.generate(tiny_model, [prompt], max_new_tokens=6, with_prompt=True, progress=False)[0]
+    alone = ll.generate(tiny_model, [prompt], max_new_tokens=6, progress=False)[0]
+    assert full == tiny_tokenizer.decode(tiny_tokenizer(prompt).input_ids, skip_special_tokens=True) + alone
+    # stopping at "." is exact for the official CLUTRR parse: nothing after it is read
+    task = Clutrr(tmp_path, "official")
+    stopped = ll.generate(tiny_model, [prompt], 16, stop_strings=(".",), with_prompt=True, progress=False)
+    free = ll.generate(tiny_model, [prompt], 16, with_prompt=True, progress=False)
+    assert task.parse(stopped[0]) == task.parse(free[0])
