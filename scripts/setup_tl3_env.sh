@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build .venv-tl3: the system Python's packages (torch 2.13.0+cpu, transformers, ...) plus
-# transformer-lens 3.9 (which still has HookedTransformer) shadowing the system's 4.x, with
+# Build .venv-tl3: the invoking python3's packages (torch 2.13.0+cpu, transformers, ...) plus
+# transformer-lens 3.9 (which still has HookedTransformer) shadowing its 4.x, with
 # the versions of requirements/lock-tl3.txt, and lofit_lens installed editable from this
 # checkout. Idempotent; quiet; fails loudly.
 #
@@ -8,7 +8,7 @@
 set -euo pipefail
 
 TL3_VERSION="3.9.0"
-TORCH_VERSION="2.13.0"   # the system's CPU build: pinned so pip never pulls a CUDA torch
+TORCH_VERSION="2.13.0"   # the invoking environment's CPU build: pinned so pip never pulls a CUDA torch
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo/.venv-tl3"
@@ -25,13 +25,19 @@ run() {  # run quietly; on failure show the log and stop
 }
 
 if [[ ! -x "$py" ]]; then
-    run python3 -m venv --system-site-packages "$venv"
+    # The invoking python3's packages (a venv's too, which --system-site-packages would
+    # skip) come after the venv's own, through a .pth file.
+    run python3 -m venv "$venv"
+    site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    python3 -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"]); print(p["platlib"])' \
+        | sort -u > "$site/_lofit_parent_env.pth"
 fi
 
-# The venv's torch must be the system's, already installed: check before pip can touch it.
+# The venv's torch must be the invoking environment's, already installed: check before pip
+# can touch it.
 have_torch="$("$py" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
 if [[ "$have_torch" != "$TORCH_VERSION"* ]]; then
-    echo "setup_tl3_env: expected torch $TORCH_VERSION from the system site-packages, got '${have_torch:-none}'" >&2
+    echo "setup_tl3_env: expected torch $TORCH_VERSION from the invoking environment, got '${have_torch:-none}'" >&2
     exit 1
 fi
 
@@ -46,7 +52,7 @@ if [[ "$have_tl" != "$TL3_VERSION" ]]; then
     fi
 fi
 
-# lofit_lens from this checkout (no deps: they come from the system site-packages).
+# lofit_lens from this checkout (no deps: they come from the invoking environment).
 # (find_spec, not import: importing the package is the tests' job, not set-up's)
 if ! "$py" -c 'import importlib.util as u, sys; s = u.find_spec("lofit_lens"); sys.exit(0 if s and s.origin.startswith(sys.argv[1]) else 1)' "$repo" 2>/dev/null; then
     run "$py" -m pip install --disable-pip-version-check --no-input --no-deps -e "$repo"
@@ -54,7 +60,7 @@ fi
 
 "$py" -c "import sys, lofit_lens.versions as v; v.check_lock(sys.argv[1])" "$repo/requirements/lock-tl3.txt" >/dev/null
 
-# Verify: TL 3.9 with the system torch, and HookedTransformer present.
+# Verify: TL 3.9 with the invoking environment's torch, and HookedTransformer present.
 "$py" - "$TL3_VERSION" "$TORCH_VERSION" "$repo" <<'EOF'
 import importlib.util
 import sys
