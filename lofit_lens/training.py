@@ -61,7 +61,6 @@ class BiasTuning:
 # ---------------------------------------------------------------------- configuration
 def resolve_run(task: TaskLike, config: Optional[LoFiTConfig], overrides: dict[str, Any]) -> tuple[Task, LoFiTConfig]:
     """The task object and a config with overrides applied and task defaults filled in."""
-    base = config or LoFiTConfig(task=task if isinstance(task, str) else task.name)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(LoFiTConfig)}
     if unknown:
         raise TypeError(f"Unknown LoFiT options: {sorted(unknown)}")
@@ -71,8 +70,9 @@ def resolve_run(task: TaskLike, config: Optional[LoFiTConfig], overrides: dict[s
                              f"{task.protocol!r}: build the task with that protocol")
         task_obj, overrides = task, {**overrides, "protocol": task.protocol}
     else:
-        protocol = overrides.get("protocol", base.protocol)
+        protocol = overrides.get("protocol", config.protocol if config else LoFiTConfig.protocol)
         task_obj = get_task(task, protocol=protocol, **_task_options(config, overrides))
+    base = config or LoFiTConfig(task=task_obj.name)
     cfg = dataclasses.replace(base, task=task if isinstance(task, str) else task_obj.name, **overrides)
     return task_obj, cfg.resolved(task_obj.hyperparams)
 

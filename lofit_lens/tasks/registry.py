@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -12,7 +13,7 @@ from lofit_lens.tasks.mquake import MQuAKE
 from lofit_lens.tasks.truthfulqa import TruthfulQA
 
 TaskFactory = Callable[..., Task]
-"""Called as ``factory(data_dir=..., **options)``."""
+"""Called as ``factory(data_dir=..., **options)``, with ``protocol=`` too when it takes one."""
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -57,7 +58,19 @@ def get_task(
     if factory is None:
         raise ValueError(f"Unknown task {text!r}: registered tasks are {list_tasks()}, or give "
                          f"the path of a {'/'.join(FILE_SUFFIXES)} file")
-    return factory(data_dir=data_dir, **options)
+    protocol = options.pop("protocol", None)
+    if protocol is not None and _takes_protocol(factory):
+        options["protocol"] = protocol
+    task = factory(data_dir=data_dir, **options)
+    if protocol is not None and getattr(task, "protocol", protocol) != protocol:
+        raise ValueError(f"Task {text!r} was asked for protocol={protocol!r}, but its factory "
+                         f"takes no protocol and built a {task.protocol!r} task")
+    return task
+
+
+def _takes_protocol(factory: TaskFactory) -> bool:
+    params = inspect.signature(factory).parameters.values()
+    return any(p.name == "protocol" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _locate(path: Union[str, Path], data_dir: Optional[Union[str, Path]]) -> Path:
