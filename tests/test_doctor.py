@@ -58,4 +58,3 @@ def test_doctor_full_on_smollm2(smollm2):
     assert report.ok, str(report)
     # "versions" may warn (a scratch venv of scripts/check_latest.sh differs from the lock)
     assert all(c.status == "pass" for c in report.checks if c.name != "versions"), str(report)
-    assert sum(c.seconds for c in report.checks) < 60
