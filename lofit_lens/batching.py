@@ -40,15 +40,6 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(prompt).input_ids)
 
 
-def encode_continuation(tokenizer, text: str, add_eos: bool = False) -> list[int]:
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    if add_eos:
-        ids.append(tokenizer.eos_token_id)
-    if not ids:
-        raise ValueError(f"Continuation {text!r} tokenises to nothing")
-    return ids
-
-
 def encode_pair(tokenizer, prompt: str, continuation: str, *, joint: bool,
                 add_eos: bool = False, force_bos: bool = False, back_off: bool = True) -> Pair:
     """(prompt ids, continuation ids) of ``prompt + continuation``.

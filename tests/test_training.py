@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lofit_lens as ll
-from lofit_lens.batching import collate, encode_continuation, encode_prompt, pad_id
+from lofit_lens.batching import collate, encode_pair, pad_id
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.hooked import model_dims
 from lofit_lens.losses import sft_loss
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.tl3  # also run under TransformerLens 3.x (scripts/test
 
 def test_sft_loss_reads_answer_tokens_only(tiny_model, tiny_tokenizer):
     tok = tiny_tokenizer
-    pairs = [(encode_prompt(tok, "abc:"), encode_continuation(tok, "cba.", add_eos=True)),
-             (encode_prompt(tok, "a longer prompt:"), encode_continuation(tok, "x", add_eos=True))]
+    pairs = [encode_pair(tok, "abc:", "cba.", joint=False, add_eos=True),
+             encode_pair(tok, "a longer prompt:", "x", joint=False, add_eos=True)]
     batch = collate(pairs, pad_id(tok))
     with torch.no_grad():
         logits = tiny_model(batch.tokens, attention_mask=batch.attention_mask)
