@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -34,12 +35,14 @@ BUDGETS = {
 }
 
 
-def run(model_name: str, budget: str, seeds: list[int], out: Path) -> tuple[pd.DataFrame, str]:
+def run(model_name: str, budget: str, seeds: list[int], out: Path,
+        tasks: Sequence[str] = tuple(TASKS)) -> tuple[pd.DataFrame, str]:
     """Every method on every task; writes and returns the table (long form) and table.md."""
     model = ll.load_model(model_name)
     settings = BUDGETS[budget]
     rows = []
-    for task, metrics in TASKS.items():
+    for task in tasks:
+        metrics = TASKS[task]
         start = time.perf_counter()
         frame = compare(model, task, methods=METHODS, seeds=seeds, k=settings["k"],
                         epochs=settings["epochs"], max_train_examples=settings["max_train_examples"],
@@ -108,10 +111,11 @@ def main() -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="analysis_out/protocol_comparison")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table, text = run(args.model, args.budget, args.seeds, out)
+    table, text = run(args.model, args.budget, args.seeds, out, args.tasks)
     print(text)
     print(f"wrote {out / 'table.csv'} ({len(table)} rows)")
 
