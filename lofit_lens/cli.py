@@ -155,7 +155,6 @@ def format_run(result, metrics: dict, out: Path, figures: Sequence[Path]) -> str
 
 
 def cmd_compare(args) -> int:
-    import lofit_lens as ll
     from lofit_lens.baselines.compare import compare, markdown_table
 
     _checked_task(args)

@@ -18,7 +18,6 @@ import functools
 import inspect
 from typing import Iterator
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
