@@ -4,6 +4,10 @@ Under the ``official`` protocol prompt and answer are tokenised together (``enco
 joint), and DPO pairs are built as TRL 0.8.1's ``DPOTrainer`` builds them: BOS first even
 when the tokenizer adds none, EOS after each answer, the EOS log-prob counted. Under
 ``clean`` the answer is tokenised on its own and DPO answers get neither.
+
+An example whose prompt + answer exceed the model's context (``cfg.n_ctx``) is refused with
+``PromptTooLongError`` when the objective is built, before any training step (evaluation
+cuts such prompts instead; see ``lofit_lens.batching``).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.batching import Pair, collate, encode_pair, pad_id
-from lofit_lens.hooked import hf_tokenizer, model_device
+from lofit_lens.batching import Pair, check_fits, collate, context_length, encode_pair, pad_id
+from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device
 from lofit_lens.losses import dpo_loss, sequence_logprobs, sft_loss
 from lofit_lens.tasks.base import PreferenceExample, ProtocolName, SFTExample, TrainingExample
 
@@ -31,13 +35,16 @@ class Objective(Protocol):
 class SFTObjective:
     """Cross-entropy on target tokens (+ EOS, so generation learns to stop)."""
 
-    def __init__(self, model, examples: Sequence[SFTExample], protocol: ProtocolName = "official"):
+    def __init__(self, model, examples: Sequence[SFTExample], protocol: ProtocolName = "official",
+                 where: str = "training"):
+        check_hooked_model(model)
         tok = hf_tokenizer(model)
         self.pad = pad_id(tok)
         self.device = model_device(model)
         joint = protocol == "official"
         self.pairs = [encode_pair(tok, ex.prompt, ex.target, joint=joint, add_eos=True)
                       for ex in examples]
+        check_fits(self.pairs, context_length(model), where, [ex.prompt for ex in examples])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -58,7 +65,9 @@ class DPOObjective:
     """
 
     def __init__(self, model, examples: Sequence[PreferenceExample], beta: float,
-                 ref_batch_size: int = 16, protocol: ProtocolName = "official"):
+                 ref_batch_size: int = 16, protocol: ProtocolName = "official",
+                 where: str = "training"):
+        check_hooked_model(model)
         tok = hf_tokenizer(model)
         self.beta = beta
         self.pad = pad_id(tok)
@@ -70,6 +79,9 @@ class DPOObjective:
 
         self.chosen = [encode(ex.prompt, ex.chosen) for ex in examples]
         self.rejected = [encode(ex.prompt, ex.rejected) for ex in examples]
+        prompts = [ex.prompt for ex in examples]
+        check_fits(self.chosen, context_length(model), f"{where} (chosen answer)", prompts)
+        check_fits(self.rejected, context_length(model), f"{where} (rejected answer)", prompts)
         self.ref_batch_size = ref_batch_size
         self.reference_at_init = trl
         self.reference = torch.zeros(0, 2)  # [n, 2]: chosen, rejected
@@ -98,12 +110,17 @@ class DPOObjective:
 
 
 def build_objective(model, examples: Sequence[TrainingExample], dpo_beta: float,
-                    protocol: ProtocolName = "official") -> Objective:
-    """SFT for ``SFTExample`` rows, DPO for ``PreferenceExample`` rows (no mixing)."""
+                    protocol: ProtocolName = "official", where: str = "training") -> Objective:
+    """SFT for ``SFTExample`` rows, DPO for ``PreferenceExample`` rows (no mixing).
+
+    ``where`` names the rows in errors (e.g. ``"clutrr train"``): an example that does not
+    fit the model's context raises ``PromptTooLongError`` with its index in ``examples``.
+    """
+    check_hooked_model(model)
     if not examples:
-        raise ValueError("No training examples")
+        raise ValueError(f"No {where} examples")
     if all(isinstance(ex, SFTExample) for ex in examples):
-        return SFTObjective(model, examples, protocol)
+        return SFTObjective(model, examples, protocol, where=where)
     if all(isinstance(ex, PreferenceExample) for ex in examples):
-        return DPOObjective(model, examples, beta=dpo_beta, protocol=protocol)
+        return DPOObjective(model, examples, beta=dpo_beta, protocol=protocol, where=where)
     raise TypeError("Training examples mix SFT and preference rows")

@@ -18,7 +18,10 @@ In CSV, a list cell is a JSON list (``["a", "b"]``); ``choices`` may also be a
 Splits: a dict ``{"train": path, "val": path, "test": path}`` (train required); else a
 single file whose rows all carry ``split`` (train/val/test); else a single file split
 80/10/10 by a shuffle with ``split_seed`` (default 0, independent of the run's seed, so the
-test rows stay fixed): ``n // 10`` rows each for val and test, the rest for train.
+test rows stay fixed): ``n // 10`` rows each for val and test, the rest for train. Train and
+test must both get rows (so a single file without ``split`` needs at least 10 rows); else
+``DataError`` names the file(s) and the count per split when the task is built, before any
+model is loaded. Val may be empty.
 
 Every row is checked before anything is returned. Problems raise one ``DataError`` listing
 (up to 20) ``path:line: field 'name': what is wrong``; lines are 1-based file lines (in a
@@ -92,6 +95,7 @@ class FileTask(Task):
         self.kind, rows, self.split_by = _load_rows(self.files, kind, split_seed)
         if self.kind == "generation" and loss == "dpo":
             raise ValueError("loss='dpo' needs multiple-choice rows (prompt, choices, correct)")
+        _check_split_sizes(self.files, rows, self.split_by)
         self.dataset = _to_dataset(rows, self.kind)
 
     def load_split(self, split: str) -> list[Example]:
@@ -248,6 +252,27 @@ def _load_rows(files: dict[Optional[str], Path], kind: Optional[str], split_seed
     if not any(row["split"] == "train" for row in rows):
         raise DataError(f"No training rows in {', '.join(map(str, files.values()))}")
     return kind, rows, split_by
+
+
+def _check_split_sizes(files: dict[Optional[str], Path], rows: list[dict[str, Any]],
+                       split_by: str) -> None:
+    """DataError unless train and test both have rows (evaluation needs test, training train)."""
+    counts = {split: sum(row["split"] == split for row in rows) for split in SPLITS}
+    empty = [split for split in ("train", "test") if not counts[split]]
+    if not empty:
+        return
+    where = ", ".join(map(str, files.values()))
+    if split_by.startswith("seeded"):
+        fix = (f"a file without a 'split' field is split 80/10/10 with n // 10 rows each for "
+               "val and test, so it needs at least 10 rows; add rows, give each row a 'split' "
+               "(train/val/test), or pass separate files {'train': ..., 'test': ...}")
+    elif split_by == "files":
+        fix = "pass a file for each of them, e.g. {'train': ..., 'test': ...}"
+    else:
+        fix = "mark some rows with that split in the 'split' field"
+    sizes = ", ".join(f"{split} {counts[split]}" for split in SPLITS)
+    raise DataError(f"{where}: {len(rows)} rows give {sizes} ({split_by}): no "
+                    f"{' and no '.join(empty)} rows; {fix}")
 
 
 def _seeded_splits(n: int, seed: int) -> list[str]:

@@ -1,0 +1,1 @@
+"""Evaluation: greedy generation, exact match and multiple-choice scoring under an intervention."""

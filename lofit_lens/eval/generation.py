@@ -1,0 +1,106 @@
+"""Batched greedy generation with the KV cache, hooks (and so interventions) active.
+
+Prompts are tokenised as the HF tokenizer does, sorted by length so that batches carry
+little padding, left-padded with an explicit attention mask, and decoded greedily by HF's
+own ``generate`` on the model a TransformerBridge wraps (``lofit_lens.backends.hf_cache``). A batch
+ends as soon as every row has produced EOS or a stop string.
+
+A prompt whose tokens plus ``max_new_tokens`` exceed the model's context (``cfg.n_ctx``) is
+cut from the left first (``lofit_lens.batching.fit_prompt``; ``truncated`` reports which).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lofit_lens.batching import context_length, encode_prompt, fit_prompt, left_pad, pad_id
+from lofit_lens.backends.hf_cache import hf_greedy_generate
+from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
+
+logger = logging.getLogger(__name__)
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to (and including) the first stop string, if any."""
+    ends = [text.find(s) + len(s) for s in stop_strings if s and s in text]
+    return text[:min(ends)] if ends else text
+
+
+@torch.no_grad()
+def greedy_generate(
+    model,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "generate",
+    with_prompt: bool = False,
+    truncated: Optional[dict[int, int]] = None,
+) -> list[str]:
+    """The greedy continuation of every prompt (text after the prompt, special tokens
+    dropped), cut after the first stop string.
+
+    ``with_prompt``: return prompt and continuation decoded together instead, as the
+    authors' evaluation does (``batch_decode`` of whole rows); nothing is cut, and stop
+    strings only end decoding early.
+
+    A prompt with more than ``n_ctx - max_new_tokens`` tokens runs cut from the left (its
+    end and a leading BOS kept); ``truncated``, if given, receives ``{prompt index: tokens
+    dropped}`` for those. ``with_prompt`` still decodes the whole prompt.
+    """
+    check_hooked_model(model)
+    tok = hf_tokenizer(model)
+    full = [encode_prompt(tok, p) for p in prompts]
+    n_ctx = context_length(model)
+    encoded, dropped = [], {}
+    for i, ids in enumerate(full):
+        fitted, n = fit_prompt(ids, max_new_tokens, n_ctx, tok.bos_token_id, f"prompt {i}")
+        encoded.append(fitted)
+        if n:
+            dropped[i] = n
+    if dropped:
+        logger.warning("%d of %d prompts exceed the model's context of %d tokens with %d new "
+                       "tokens: cut from the left (docs/gotchas.md)", len(dropped), len(prompts),
+                       n_ctx, max_new_tokens)
+    if truncated is not None:
+        truncated.update(dropped)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        new_tokens = _generate_rows(model, [encoded[i] for i in rows], max_new_tokens, stop_strings)
+        for i, ids in zip(rows, new_tokens):
+            if with_prompt:
+                outputs[i] = tok.decode(full[i] + ids, skip_special_tokens=True)
+            else:
+                outputs[i] = cut_at_stop(tok.decode(ids, skip_special_tokens=True), stop_strings)
+        bar.update(len(rows))
+    bar.close()
+    return outputs
+
+
+def _generate_rows(model, rows: list[list[int]], max_new_tokens: int,
+                   stop_strings: Sequence[str]) -> list[list[int]]:
+    """New token ids per row (EOS and what follows it removed)."""
+    tok = hf_tokenizer(model)
+    eos = tok.eos_token_id
+    if uses_bridge(model):  # HF's own generate on the wrapped model; hooks fire inside
+        tokens, attention = left_pad(rows, pad_id(tok))
+        device = model_device(model)
+        new = hf_greedy_generate(model, tokens.to(device), attention.to(device), max_new_tokens,
+                                 list(stop_strings), tok, pad_id(tok))
+        generated = new.tolist()
+    else:  # TL 3.x: no attention-mask argument, so one unpadded prompt at a time
+        generated = []
+        for row in rows:
+            out = model.generate(torch.tensor([row], device=model_device(model)),
+                                 max_new_tokens=max_new_tokens, do_sample=False, stop_at_eos=True,
+                                 verbose=False, return_type="tokens")
+            generated.append(out[0, len(row):].tolist())
+    return [ids[:ids.index(eos)] if eos in ids else ids for ids in generated]
