@@ -1,0 +1,39 @@
+"""Which token positions of the current forward pass are answer tokens.
+
+Multiple-choice scoring publishes, around each forward it runs, the index of every position
+within its answer (-1 for prompt and padding positions). An edit that acts on answer tokens
+only (ITI as honest_llama scores it) reads it in its hook; outside scoring nothing is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from typing import Iterator, Optional
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+_ANSWER_INDEX: ContextVar[Optional[Tensor]] = ContextVar("answer_index", default=None)
+
+
+def answer_index_from_mask(mask: Bool[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """0, 1, 2, ... along each row's answer positions (``mask``), -1 elsewhere."""
+    mask = mask.bool()
+    return torch.where(mask, mask.long().cumsum(-1) - 1, torch.full_like(mask, -1, dtype=torch.long))
+
+
+@contextlib.contextmanager
+def answer_positions(index: Int[Tensor, "batch pos"]) -> Iterator[None]:
+    """Publish ``index`` (see ``answer_index_from_mask``) for the forwards inside."""
+    token = _ANSWER_INDEX.set(index)
+    try:
+        yield
+    finally:
+        _ANSWER_INDEX.reset(token)
+
+
+def current_answer_index() -> Optional[Int[Tensor, "batch pos"]]:
+    """The published answer index of the running forward, or ``None`` outside scoring."""
+    return _ANSWER_INDEX.get()
