@@ -8,15 +8,18 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 
-from lofit_lens.config import LoFiTConfig
+from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.checkpoint import PhaseCheckpoint, run_phase
-from lofit_lens.evaluation import split_metrics
-from lofit_lens.hooked import model_dims, model_id
+from lofit_lens.config import LoFiTConfig
+from lofit_lens.eval.evaluate import split_metrics
+from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
+from lofit_lens.intervention import top_heads
 from lofit_lens.result import LoFiTResult
-from lofit_lens.run_cache import model_settings, task_settings
-from lofit_lens.tasks.base import hash_examples
+from lofit_lens.run_settings import (
+    STEP1_FIELDS, STEP2_FIELDS, config_fields, model_settings, task_settings,
+)
 from lofit_lens.training import (
-    HeadSelection, TaskLike, TrainingSet, resolve_run, select_heads, training_data, tune_biases,
+    TaskLike, TrainingSet, resolve_run, select_heads, training_data, tune_biases,
 )
 
 Epochs = Union[int, tuple[int, int], None]
@@ -57,9 +60,12 @@ def lofit(
     task_obj, cfg = resolve_run(task, config, overrides)
     dims = model_dims(model)
     n_heads = cfg.num_heads(dims.total_heads)
-    ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint, {
-        **model_settings(model), "config": cfg.to_dict(), "task": task_settings(task_obj),
-        "train_data": hash_examples(training_data(task_obj, cfg)[0])})
+    examples = training_data(task_obj, cfg)  # read and hashed once per run
+    ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint)
+    run = {**model_settings(model), "task": task_settings(task_obj)}
+    trained = {**run, "train_data": examples.data_hash, "max_val_examples": cfg.max_val_examples}
+    evaluated = {**run, "eval_splits": list(cfg.eval_splits),
+                 "max_eval_examples": cfg.max_eval_examples}
 
     def evaluation(label: str, intervention=None) -> dict:
         start = time.perf_counter()
@@ -69,37 +75,41 @@ def lofit(
 
     @functools.cache
     def data() -> TrainingSet:  # encoded once for both steps (DPO: reference log-probs too)
-        return TrainingSet.build(model, task_obj, cfg)
+        return TrainingSet.build(model, task_obj, cfg, examples)
 
     def selection() -> dict:
         s = select_heads(model, task_obj, config=cfg, progress=progress, data=data())
-        return {"scores": s.scores, "scale": s.scale, "history": s.history}
+        return {"scores": s.scores, "scale": s.scale, "history": s.history.to_dict()}
 
     def tuning() -> dict:
         t = tune_biases(model, task_obj, heads, config=cfg, progress=progress, data=data())
-        return {"bias": t.bias, "history": t.history}
+        return {"bias": t.bias, "history": t.history.to_dict()}
 
     evals = {}
     if zero_shot and cfg.eval_splits:
-        evals["zero_shot"] = run_phase(ckpt, "zero_shot", lambda: evaluation("zero_shot"))
-    selected = HeadSelection(**run_phase(ckpt, "select", selection))
-    heads = selected.top(n_heads)
-    tuned = run_phase(ckpt, "tune", tuning)
+        evals["zero_shot"] = run_phase(ckpt, "zero_shot", evaluated, lambda: evaluation("zero_shot"))
+    selected = run_phase(ckpt, "select", {**trained, **config_fields(cfg, STEP1_FIELDS)}, selection)
+    selection_history = TrainingHistory.from_dict(selected["history"])
+    heads = top_heads(selected["scores"], n_heads)
+    tuned = run_phase(ckpt, "tune", {**trained, **config_fields(cfg, STEP2_FIELDS), "heads": heads}, tuning)
+    history = RunHistory(selection_history, TrainingHistory.from_dict(tuned["history"]))
     result = LoFiTResult(
         config=cfg,
         model_id=model_id(model),
-        head_scores=selected.scores,
-        scale=selected.scale,
+        head_scores=selected["scores"],
+        scale=selected["scale"],
         bias=tuned["bias"],
         selected_heads=heads,
-        history={"select": selected.history, "tune": tuned["history"]},
-        data_hash=selected.history["data_hash"],
+        history=history,
+        data_hash=examples.data_hash,
     )
     if cfg.eval_splits:
         evals["lofit"] = evaluation("lofit", result.intervention())
     result.metrics = {label: e["metrics"] for label, e in evals.items()}
     result.predictions = {f"{label}/{split}": rows for label, e in evals.items()
                           for split, rows in e["predictions"].items()}
-    result.timings = {"select": selected.history["seconds"], "tune": tuned["history"]["seconds"],
-                      **{f"eval_{label}": e["seconds"] for label, e in evals.items()}}
+    result.timings = RunTimings(
+        select=history.select.seconds, tune=history.tune.seconds,
+        eval_zero_shot=evals["zero_shot"]["seconds"] if "zero_shot" in evals else None,
+        eval_lofit=evals["lofit"]["seconds"] if "lofit" in evals else None)
     return result

@@ -9,35 +9,41 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lofit_lens.errors import BrokenEnvironmentError
+from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
+from lofit_lens.config import (
+    LoFiTConfig, add_config_arguments, config_flag_names, config_overrides,
+)
+from lofit_lens.errors import BrokenEnvironmentError, LoFiTLensError, TrainingDivergedError
+
+CLI_DEFAULTS = {"max_eval_examples": 200}
+"""The one place where ``run`` and ``compare`` default differently from ``LoFiTConfig``: they
+evaluate at most 200 test examples (``LoFiTConfig``: all; ``--max-eval-examples 0``: all).
+Every other default is the field's (k 0.1, seed 0, epochs 2 3, 64 val rows, official)."""
+
+RUN_SETTINGS = config_flag_names()
+"""The ``LoFiTConfig`` settings ``run`` takes as flags (``--epochs`` for both epochs)."""
+COMPARE_SETTINGS = tuple(n for n in RUN_SETTINGS if n != "seed")  # compare: --seeds
+
+EXIT_CODES = ((BrokenEnvironmentError, 3), (TrainingDivergedError, 4), (LoFiTLensError, 2),
+              (FileNotFoundError, 2), (ValueError, 2))
+"""Exit status per error: bad input (settings, task files, artifacts, an output folder in
+use or holding another result) 2, a broken environment 3, a diverged training 4."""
 
 
-def k_value(value: str):
-    """``--k 27`` is a count, ``--k 0.1`` a fraction of all heads."""
-    number = float(value)
-    return int(number) if number.is_integer() and number >= 1 else number
-
-
-def _add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_run_args(p: argparse.ArgumentParser, settings: tuple[str, ...]) -> None:
     p.add_argument("--task", required=True,
                    help="clutrr | mquake | truthfulqa | path to a .jsonl/.csv task file")
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded short name (smollm2-135m, gemma3-270m), Hub id or HF folder")
-    p.add_argument("--k", type=k_value, default=0.1, help="heads: a count, or a fraction of all heads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, nargs="+", metavar="N",
-                   help="epochs for both steps, or two numbers: step 1, step 2 (default 2 3)")
-    p.add_argument("--max-train-examples", type=int)
-    p.add_argument("--max-val-examples", type=int, default=64,
-                   help="val rows for the per-epoch validation loss (0 = none)")
-    p.add_argument("--max-eval-examples", type=int, default=200,
-                   help="test examples evaluated (default 200; 0 = all)")
+    p.add_argument("--budget", choices=list(BUDGETS),
+                   help="set the run's size from lofit_lens.budgets (flags given override "
+                        "it): " + budget_help())
+    group = p.add_argument_group("settings (LoFiTConfig fields; default: the field's, or "
+                                 "the --budget's)")
+    add_config_arguments(group, settings, fallbacks=CLI_DEFAULTS)
     p.add_argument("--data-dir", help="folder with the LoFiT splits (default ../shared/datasets/lofit)")
     p.add_argument("--device")
     p.add_argument("--fold", type=int, help="TruthfulQA fold (0 or 1)")
-    p.add_argument("--protocol", choices=("official", "clean"), default="official",
-                   help="official: the authors' code point by point (default); clean: their "
-                        "quirks removed (docs/protocol.md)")
     p.add_argument("--match", choices=("normalized", "exact", "prefix"),
                    help="answer matching for a task file (default normalized)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -54,18 +60,36 @@ def _task_options(args) -> dict:
     return extra
 
 
-def _epochs(args):
-    if not args.epochs:
-        return None
-    return args.epochs[0] if len(args.epochs) == 1 else tuple(args.epochs[:2])
+def run_settings(args, total_heads: Optional[int] = None) -> dict:
+    """The ``LoFiTConfig`` overrides of ``run`` / ``compare``: ``CLI_DEFAULTS``, then the
+    ``--budget``'s, then the flags given, and the task options. The paper budget's step-2
+    rate for K >= 10% of the heads needs ``total_heads`` when K is a count (before the
+    model loads, the K = 3% rate stands in)."""
+    names = RUN_SETTINGS if args.command == "run" else COMPARE_SETTINGS
+    given = config_overrides(args, names)
+    settings = dict(CLI_DEFAULTS)
+    if args.budget:
+        k = given.get("k", LoFiTConfig.k)
+        known = total_heads is not None or (isinstance(k, float) and 0 < k < 1)
+        settings.update(budget_settings(args.budget, args.task, k if known else None,
+                                        total_heads))
+    settings.update(given)
+    settings["extra"] = _task_options(args)
+    return settings
 
 
-def _checked_task(args):
+def run_config(args, total_heads: Optional[int] = None) -> LoFiTConfig:
+    """The run's ``LoFiTConfig`` (checked: a bad setting raises ``ConfigError`` here, before
+    any data or model is loaded)."""
+    return LoFiTConfig(task=args.task, **run_settings(args, total_heads))
+
+
+def _checked_task(args, cfg: LoFiTConfig):
     """The task, with its training data read: missing or malformed files fail here, before
     minutes go into loading a model."""
     from lofit_lens.tasks import get_task
 
-    task = get_task(args.task, protocol=args.protocol, **_task_options(args))
+    task = get_task(args.task, protocol=cfg.protocol, **cfg.extra)
     task.examples("train")
     return task
 
@@ -92,21 +116,21 @@ def cmd_doctor(args) -> int:
 
 def cmd_run(args) -> int:
     import lofit_lens as ll
-    from lofit_lens.plotting import plot_heads, save_figure
+    from lofit_lens.analysis.plotting import plot_heads, save_figure
 
-    out = Path(args.out or f"runs/{Path(args.task).stem}-{args.model.replace('/', '_')}-s{args.seed}")
-    task = _checked_task(args)
+    from lofit_lens.backends.hooked import model_dims
+
+    cfg = run_config(args)  # bad settings stop here, before any loading
+    out = Path(args.out or f"runs/{Path(args.task).stem}-{args.model.replace('/', '_')}-s{cfg.seed}")
+    task = _checked_task(args, cfg)
     start = time.perf_counter()
     model = _checked_model(args)
     load_seconds = time.perf_counter() - start
-    result = ll.lofit(
-        model, task, k=args.k, seed=args.seed, epochs=_epochs(args), protocol=args.protocol,
-        max_train_examples=args.max_train_examples, max_val_examples=args.max_val_examples,
-        max_eval_examples=args.max_eval_examples or None,
-        extra=_task_options(args), progress=not args.quiet, checkpoint=out / "checkpoint",
-    )
-    result.timings["load_model"] = load_seconds
-    result.timings["total"] = time.perf_counter() - start
+    cfg = run_config(args, model_dims(model).total_heads)
+    result = ll.lofit(model, task, config=cfg, progress=not args.quiet,
+                      checkpoint=out / "checkpoint")
+    result.timings.load_model = load_seconds
+    result.timings.total = time.perf_counter() - start
     result.save(out)
     metrics = run_metrics(result)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -131,10 +155,10 @@ def run_metrics(result) -> dict:
         "per_split": result.metrics,
         "k": result.k,
         "selected_heads": [f"L{l}H{h}" for l, h in result.selected_heads],
-        "trainable_parameters": result.history["tune"].get("trainable_parameters"),
+        "trainable_parameters": result.history.tune.trainable_parameters,
         "config": result.config.to_dict(),
         "model_id": result.model_id,
-        "timings_seconds": {k: round(v, 1) for k, v in result.timings.items()},
+        "timings_seconds": {k: round(v, 1) for k, v in result.timings.to_dict().items()},
         "versions": result.versions,
     }
 
@@ -149,7 +173,7 @@ def format_run(result, metrics: dict, out: Path, figures: Sequence[Path]) -> str
             lines.append(f"  {label:9s} {metrics['split']}: {scores}")
     lines.append(f"  heads: {', '.join(metrics['selected_heads'][:12])}"
                  + (" ..." if result.k > 12 else ""))
-    lines.append(f"  time: {result.timings.get('total', 0):.0f} s; saved to {out} "
+    lines.append(f"  time: {result.timings.total or 0:.0f} s; saved to {out} "
                  f"({', '.join(p.name for p in figures)})")
     return "\n".join(lines)
 
@@ -157,13 +181,14 @@ def format_run(result, metrics: dict, out: Path, figures: Sequence[Path]) -> str
 def cmd_compare(args) -> int:
     from lofit_lens.baselines.compare import compare, markdown_table
 
-    _checked_task(args)
+    from lofit_lens.backends.hooked import model_dims
+
+    cfg = run_config(args)  # bad settings stop here, before any loading
+    _checked_task(args, cfg)
     model = _checked_model(args)
-    frame = compare(model, args.task, methods=args.methods, seeds=args.seeds, k=args.k,
-                    epochs=_epochs(args), max_train_examples=args.max_train_examples,
-                    max_val_examples=args.max_val_examples,
-                    max_eval_examples=args.max_eval_examples or None, out=args.out,
-                    extra=_task_options(args), progress=not args.quiet, protocol=args.protocol)
+    settings = run_settings(args, model_dims(model).total_heads)
+    frame = compare(model, args.task, methods=args.methods, seeds=args.seeds, out=args.out,
+                    progress=not args.quiet, **{**settings, "k": cfg.k})
     print(markdown_table(frame))  # pandas' to_markdown needs tabulate
     return 0
 
@@ -172,13 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lofit-lens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="zero-shot eval, head selection, bias tuning, eval")
-    _add_run_args(run)
+    _add_run_args(run, RUN_SETTINGS)
     run.add_argument("--out", help="output folder (default runs/<task>-<model>-s<seed>)")
     run.set_defaults(func=cmd_run)
     comp = sub.add_parser("compare", help="baselines and LoFiT in one table")
-    _add_run_args(comp)
+    _add_run_args(comp, COMPARE_SETTINGS)
     comp.add_argument("--methods", nargs="+", default=["zero_shot", "iti", "random", "iti_heads", "lofit"])
-    comp.add_argument("--seeds", type=int, nargs="+", default=[0])
+    comp.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="seeds of the seeded methods (default 0)")
     comp.add_argument("--out", help="folder for the CSV/Markdown table and per-run results")
     comp.set_defaults(func=cmd_compare)
     doc = sub.add_parser("doctor", help="check that this environment computes correct results")
@@ -195,12 +221,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as err:  # bad input: say what, no traceback
-        print(f"lofit-lens: error: {err}", file=sys.stderr)
-        return 2
-    except BrokenEnvironmentError as err:
-        print(f"lofit-lens: {type(err).__name__}: {err}", file=sys.stderr)
-        return 3
+    except (LoFiTLensError, FileNotFoundError, ValueError) as err:  # say what, no traceback
+        code = next(code for kind, code in EXIT_CODES if isinstance(err, kind))
+        label = "error" if code == 2 else type(err).__name__
+        print(f"lofit-lens: {label}: {err}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import torch
 
 from lofit_lens.errors import GOTCHAS, BrokenEnvironmentError
-from lofit_lens.generation import greedy_generate
-from lofit_lens.hf_cache import greedy_config, live_cache_aliases
-from lofit_lens.hooked import hf_tokenizer, model_device, model_dims, model_id, uses_bridge
+from lofit_lens.eval.generation import greedy_generate
+from lofit_lens.backends.hf_cache import greedy_config, live_cache_aliases
+from lofit_lens.backends.hooked import hf_tokenizer, model_device, model_dims, model_id, uses_bridge
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.tasks.base import ChoiceExample
 from lofit_lens.versions import library_versions, lock_mismatches
@@ -115,7 +115,7 @@ def _versions() -> tuple[str, str]:
 def _hook_counts(model) -> dict[str, int]:
     counts = {name: len(point.fwd_hooks) + len(point.bwd_hooks)
               for name, point in model.hook_dict.items()}
-    counts["cache aliases (lofit_lens.hf_cache)"] = live_cache_aliases()
+    counts["cache aliases (lofit_lens.backends.hf_cache)"] = live_cache_aliases()
     return counts
 
 
@@ -169,7 +169,7 @@ def _batched_vs_single(model) -> tuple[str, str]:
 
 
 def _shared_prefix_mc(model) -> tuple[str, str]:
-    from lofit_lens.mc_scoring import choice_scores
+    from lofit_lens.eval.mc_scoring import choice_scores
 
     if not uses_bridge(model):
         return "pass", "not used here (TL 3.x scores full sequences)"
@@ -182,7 +182,7 @@ def _shared_prefix_mc(model) -> tuple[str, str]:
 
 
 def _vs_plain_hf(model) -> tuple[str, str]:
-    from lofit_lens.models import load_hf
+    from lofit_lens.backends.hf import load_hf
 
     name = getattr(model, "lofit_model_id", None)
     if name is None:

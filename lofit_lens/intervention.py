@@ -1,32 +1,88 @@
-"""``HeadIntervention``: LoFiT's per-head scales A and offsets v at ``blocks.{l}.attn.hook_z``.
+"""Interventions: what trains (or is fixed) at hook points while the model's weights never change.
 
-``z[l, h] <- z[l, h] * (1 + A[l, h]) + v[l, h]`` for the active heads, at every position.
-The parameters live in this module (fp32), never in the model: the model's own weights
-are untouched and ``model.parameters()`` are not what an optimiser sees.
+``Intervention`` is the protocol every method's intervention satisfies (LoFiT's
+``HeadIntervention``, ITI's shift, LoRA): its trainable parameters, which of them carry the
+L1 penalty, ``attach`` and its saved form. ``INTERVENTIONS`` maps each ``kind`` to its class so
+a saved intervention reloads (``lofit_lens.store``).
+
+``HeadIntervention``: ``z[l, h] <- z[l, h] * (1 + A[l, h]) + v[l, h]`` for the active heads
+at ``blocks.{l}.attn.hook_z``, at every position. Its parameters live in the module (fp32),
+never in the model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, Protocol, runtime_checkable
 
 import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lofit_lens.hooked import ModelDims, attached_hooks, hook_z_name, model_dims
+from lofit_lens.backends.hooked import ModelDims, attached_hooks, hook_z_name, model_dims
 
 Head = tuple[int, int]
 
 
+@runtime_checkable
+class Intervention(Protocol):
+    """What the trainer, the evaluator and the store need of an intervention."""
+
+    kind: ClassVar[str]
+    """Registry name (``INTERVENTIONS``), written into saved cards."""
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters an optimiser updates."""
+
+    def l1_parameters(self) -> list[nn.Parameter]:
+        """The tensors whose absolute sum the L1 term penalises (LoFiT step 1: A)."""
+
+    def num_trainable_parameters(self) -> int:
+        """Parameters that actually train (masked entries excluded)."""
+
+    def attach(self, model) -> ContextManager[Any]:
+        """Apply to ``model`` inside a ``with`` body; hooks removed after, also on error."""
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able constructor settings; with ``state_tensors`` it rebuilds the object."""
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Every tensor needed to rebuild it (saved as safetensors)."""
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+
+INTERVENTIONS: dict[str, type] = {}
+"""``kind`` -> class with ``from_saved(spec, tensors)``; filled by ``register_intervention``."""
+
+
+def register_intervention(cls: type) -> type:
+    """Class decorator: make ``cls`` (with a ``kind``) reloadable from the store."""
+    INTERVENTIONS[cls.kind] = cls
+    return cls
+
+
+def rebuild_intervention(kind: str, spec: dict[str, Any], tensors: dict[str, Tensor]) -> Intervention:
+    """The saved intervention of ``kind`` rebuilt from its spec and tensors."""
+    if kind not in INTERVENTIONS:
+        raise KeyError(f"No intervention kind {kind!r} is registered (known: {', '.join(INTERVENTIONS)}); "
+                       "import the module that defines it (e.g. lofit_lens.baselines)")
+    return INTERVENTIONS[kind].from_saved(spec, tensors)
+
+
+@register_intervention
 class HeadIntervention(nn.Module):
     """Scales A and offsets v, ``[n_layers, n_heads, d_head]`` fp32, plus a head mask.
 
     Inactive heads are multiplied by zero in the hook, so they receive exactly zero gradient
     and (with weight decay 0) keep their value of zero.
     """
+
+    kind: ClassVar[str] = "head"
 
     def __init__(self, dims: ModelDims, use_scale: bool = True, use_bias: bool = True):
         super().__init__()
@@ -69,6 +125,28 @@ class HeadIntervention(nn.Module):
 
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in (self.scale, self.bias) if p.requires_grad]
+
+    def l1_parameters(self) -> list[nn.Parameter]:
+        return [self.scale] if self.use_scale else []
+
+    # ------------------------------------------------------------------ saving
+    def spec(self) -> dict[str, Any]:
+        return {"dims": list(self.dims), "use_scale": self.use_scale, "use_bias": self.use_bias}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {"scale": self.scale.detach(), "bias": self.bias.detach(),
+                "head_mask": self.head_mask.float()}
+
+    @classmethod
+    def from_saved(cls, spec: dict[str, Any], tensors: dict[str, Tensor]) -> "HeadIntervention":
+        extra = {k: v for k, v in spec.items() if k not in ("dims", "use_scale", "use_bias")}
+        module = cls(ModelDims(*spec["dims"]), use_scale=spec["use_scale"],
+                     use_bias=spec["use_bias"], **extra)
+        with torch.no_grad():
+            module.scale.copy_(tensors["scale"])
+            module.bias.copy_(tensors["bias"])
+            module.head_mask.copy_(tensors["head_mask"].bool())
+        return module
 
     # ------------------------------------------------------------------ reading
     @property

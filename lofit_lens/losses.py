@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.batching import TokenBatch
-from lofit_lens.hooked import logits_at
+from lofit_lens.backends.hooked import logits_at
 
 
 def target_logprobs(model, batch: TokenBatch) -> tuple[Float[Tensor, " n"], Tensor]:

@@ -6,22 +6,26 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import ModelDims, model_dims, model_id
+from lofit_lens.errors import ArtifactError, ResultExistsError
+from lofit_lens.export import export_intervention
+from lofit_lens.history import RunHistory, RunTimings
 from lofit_lens.intervention import HeadIntervention, top_heads
+from lofit_lens.store import folder_lock, load_artifact, read_json, save_artifact, write_text
 from lofit_lens.versions import library_versions
 
 CARD_NAME = "result.json"
 TENSORS_NAME = "tensors.safetensors"
 PREDICTIONS_NAME = "predictions.jsonl"
-FORMAT_VERSION = 1
+RESULT_KIND = "lofit_result"
+REQUIRED_KEYS = ("model_id", "config", "selected_heads")
 
 Head = tuple[int, int]
 
@@ -42,10 +46,10 @@ class LoFiTResult:
     selected_heads: list[Head]
     metrics: dict[str, Any] = field(default_factory=dict)
     predictions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    history: dict[str, Any] = field(default_factory=dict)
+    history: RunHistory = field(default_factory=RunHistory)
     data_hash: str = ""
     versions: dict[str, str] = field(default_factory=library_versions)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: RunTimings = field(default_factory=RunTimings)
 
     @property
     def seed(self) -> int:
@@ -89,6 +93,20 @@ class LoFiTResult:
         with module.attach(model):
             yield
 
+    def export(self, model_or_folder, out_dir: str | Path, source: str | Path | None = None) -> Path:
+        """Write a plain HF model folder with v folded into the attention output biases
+        (``lofit_lens.export``): it loads with ``AutoModelForCausalLM.from_pretrained``
+        and needs no lofit-lens. ``model_or_folder``: the hooked model, a name or an HF folder
+        of the base model; ``source``: the run folder, named in the card."""
+        if not isinstance(model_or_folder, (str, Path)):
+            self.check_compatible(model_or_folder)
+        card = {"source_run": None if source is None else str(source), "task": self.config.task,
+                "base_model": self.model_id, "seed": self.seed, "k": self.k,
+                "heads": [f"L{l}H{h}" for l, h in self.selected_heads],
+                "protocol": self.config.protocol, "metrics": self.metrics,
+                "versions": self.versions}
+        return export_intervention(self.intervention(), model_or_folder, out_dir, card)
+
     def check_compatible(self, model, allow_other_model: bool = False) -> None:
         """Raise ``ValueError`` unless ``model`` has this result's shape (and id)."""
         dims = model_dims(model)
@@ -105,52 +123,75 @@ class LoFiTResult:
             )
 
     # ------------------------------------------------------------------ saving / loading
-    def save(self, directory: str | Path) -> Path:
-        """Write ``tensors.safetensors``, ``result.json`` and ``predictions.jsonl``."""
+    def identity(self) -> dict[str, Any]:
+        """What makes two saved results "the same run": model, settings and training data."""
+        return run_identity(self.model_id, self.config, self.data_hash)
+
+    def save(self, directory: str | Path, *, overwrite: bool = False,
+             attachments: Sequence[str] = ()) -> Path:
+        """Write ``tensors.safetensors``, ``predictions.jsonl`` and the card ``result.json``.
+
+        Holds the folder's lock while writing (another process writing it raises
+        ``OutputLockedError``). A folder holding a *different* result raises
+        ``ResultExistsError`` unless ``overwrite``; when a result is replaced, the files of the
+        old one (and the ``attachments`` its card lists, e.g. the CLI's ``metrics.json``)
+        are removed first, so none is left stale. ``attachments``: names of files the caller
+        writes beside it after saving (removed with it when it is replaced).
+        """
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"head_scores": self.head_scores.contiguous().float(),
-             "scale": self.scale.contiguous().float(),
-             "bias": self.bias.contiguous().float()},
-            str(out / TENSORS_NAME),
-        )
-        card = {
-            "format_version": FORMAT_VERSION,
-            "model_id": self.model_id,
-            "dims": self.dims._asdict(),
-            "config": self.config.to_dict(),
-            "selected_heads": [list(h) for h in self.selected_heads],
-            "metrics": self.metrics,
-            "history": self.history,
-            "data_hash": self.data_hash,
-            "seed": self.seed,
-            "versions": self.versions,
-            "timings": self.timings,
-        }
-        (out / CARD_NAME).write_text(json.dumps(card, indent=2))
-        with open(out / PREDICTIONS_NAME, "w") as f:
-            for split, rows in self.predictions.items():
-                for row in rows:
-                    f.write(json.dumps({"split": split, **row}, ensure_ascii=False) + "\n")
+        with folder_lock(out):
+            check_destination(out, self.identity(), overwrite)
+            lines = [json.dumps({"split": split, **row}, ensure_ascii=False)
+                     for split, rows in self.predictions.items() for row in rows]
+            write_text(out / PREDICTIONS_NAME, "".join(line + "\n" for line in lines))
+            card = {
+                "model_id": self.model_id,
+                "dims": self.dims._asdict(),
+                "config": self.config.to_dict(),
+                "selected_heads": [list(h) for h in self.selected_heads],
+                "metrics": self.metrics,
+                "history": self.history.to_dict(),
+                "data_hash": self.data_hash,
+                "seed": self.seed,
+                "versions": self.versions,
+                "timings": self.timings.to_dict(),
+                "attachments": list(attachments),
+            }
+            save_artifact(out, {"head_scores": self.head_scores, "scale": self.scale,
+                                "bias": self.bias}, card, kind=RESULT_KIND,
+                          card_name=CARD_NAME, tensors_name=TENSORS_NAME)
         return out
 
     @classmethod
     def load(cls, directory: str | Path, model=None,
              allow_other_model: bool = False) -> "LoFiTResult":
-        """Read a saved result; with ``model``, check that it fits that model."""
+        """Read a saved result (also one written by lofit-lens 0.1.0); with ``model``, check
+        that it fits that model. A damaged folder raises ``ArtifactError`` naming the file."""
         src = Path(directory)
         if not (src / CARD_NAME).is_file():
             raise FileNotFoundError(f"{src} holds no {CARD_NAME}: not a saved LoFiTResult")
-        card = json.loads((src / CARD_NAME).read_text())
-        tensors = load_file(str(src / TENSORS_NAME))
+        tensors, card = load_artifact(src, kind=RESULT_KIND, card_name=CARD_NAME,
+                                      tensors_name=TENSORS_NAME, required=REQUIRED_KEYS)
+        missing = [k for k in ("head_scores", "scale", "bias") if k not in tensors]
+        if missing:
+            raise ArtifactError(f"{src / TENSORS_NAME} lacks the tensors {missing}")
         predictions: dict[str, list[dict[str, Any]]] = {}
         if (src / PREDICTIONS_NAME).is_file():
-            for line in (src / PREDICTIONS_NAME).read_text().splitlines():
-                row = json.loads(line)
+            for number, line in enumerate((src / PREDICTIONS_NAME).read_text().splitlines(), 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ArtifactError(f"{src / PREDICTIONS_NAME}:{number}: not JSON ({err})") from err
                 predictions.setdefault(row.pop("split"), []).append(row)
+        config = dict(card["config"])
+        if card.get("format_version", 1) == 1:
+            config.setdefault("protocol", "clean")  # 0.1.0 ran what is now protocol="clean"
+        try:
+            cfg = LoFiTConfig.from_dict(config)
+        except (TypeError, ValueError) as err:
+            raise ArtifactError(f"{src / CARD_NAME}: its config does not load ({err})") from err
         result = cls(
-            config=LoFiTConfig.from_dict(card["config"]),
+            config=cfg,
             model_id=card["model_id"],
             head_scores=tensors["head_scores"],
             scale=tensors["scale"],
@@ -158,10 +199,10 @@ class LoFiTResult:
             selected_heads=[tuple(h) for h in card["selected_heads"]],
             metrics=card.get("metrics", {}),
             predictions=predictions,
-            history=card.get("history", {}),
+            history=RunHistory.from_dict(card.get("history")),
             data_hash=card.get("data_hash", ""),
             versions=card.get("versions", {}),
-            timings=card.get("timings", {}),
+            timings=RunTimings.from_dict(card.get("timings")),
         )
         if model is not None:
             result.check_compatible(model, allow_other_model=allow_other_model)
@@ -175,3 +216,41 @@ class LoFiTResult:
 
     def __repr__(self) -> str:
         return self.summary()
+
+
+def run_identity(model_name: str, config: LoFiTConfig, data_hash: str = "") -> dict[str, Any]:
+    """Model, settings and (when known) training-data hash: equal for reruns of one run."""
+    identity = {"model_id": model_name, "config": config.to_dict()}
+    return identity | ({"data_hash": data_hash} if data_hash else {})
+
+
+def check_destination(directory: str | Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Make ``directory`` ready for the result ``identity``: refuse (``ResultExistsError``)
+    if it holds a different result and not ``overwrite``; else remove the old result's
+    files. With an identity that has no ``data_hash`` (known before any work) it only checks:
+    call it so early to fail before the model loads."""
+    out = Path(directory)
+    if not (out / CARD_NAME).is_file():
+        return
+    try:
+        old = read_json(out / CARD_NAME)
+        old_config = dict(old.get("config", {}))
+        if old.get("format_version", 1) == 1:
+            old_config.setdefault("protocol", "clean")
+        old_identity = run_identity(old.get("model_id", ""), LoFiTConfig.from_dict(old_config),
+                                    old.get("data_hash", "") if "data_hash" in identity else "")
+        same = old_identity == identity
+    except (ArtifactError, TypeError, ValueError, AttributeError):
+        old, same = {}, False
+    if not same and not overwrite:
+        raise ResultExistsError(
+            f"{out} holds another result ({old.get('config', {}).get('task', '?')} with "
+            f"{old.get('model_id', '?')}, seed {old.get('seed', '?')}): choose another folder "
+            "or pass overwrite=True (CLI: --overwrite) to replace it")
+    if "data_hash" not in identity:
+        return  # an early check: nothing to remove yet
+    stale = {CARD_NAME, old.get("tensors_file", TENSORS_NAME), PREDICTIONS_NAME,
+             *old.get("attachments", [])}
+    for name in stale:
+        if name and "/" not in name and (out / name).is_file():
+            (out / name).unlink()

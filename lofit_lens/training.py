@@ -19,11 +19,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import model_dims
-from lofit_lens.intervention import Head, HeadIntervention, top_heads
+from lofit_lens.errors import TrainingDivergedError
+from lofit_lens.history import TrainingHistory
+from lofit_lens.backends.hooked import model_dims
+from lofit_lens.intervention import Head, HeadIntervention, Intervention, top_heads
 from lofit_lens.objectives import Objective, build_objective
 from lofit_lens.tasks import Task, get_task
-from lofit_lens.tasks.base import hash_examples
+from lofit_lens.tasks.base import TrainingExample, hash_examples
 
 TaskLike = Union[str, Task]
 
@@ -34,7 +36,7 @@ class HeadSelection:
 
     scores: Float[Tensor, "layer head"]
     scale: Float[Tensor, "layer head d_head"]
-    history: dict[str, Any] = field(default_factory=dict)
+    history: TrainingHistory = field(default_factory=TrainingHistory)
 
     def top(self, k: int) -> list[Head]:
         return top_heads(self.scores, k)
@@ -51,7 +53,7 @@ class BiasTuning:
 
     intervention: HeadIntervention
     heads: list[Head]
-    history: dict[str, Any] = field(default_factory=dict)
+    history: TrainingHistory = field(default_factory=TrainingHistory)
 
     @property
     def bias(self) -> Float[Tensor, "layer head d_head"]:
@@ -60,7 +62,10 @@ class BiasTuning:
 
 # ---------------------------------------------------------------------- configuration
 def resolve_run(task: TaskLike, config: Optional[LoFiTConfig], overrides: dict[str, Any]) -> tuple[Task, LoFiTConfig]:
-    """The task object and a config with overrides applied and task defaults filled in."""
+    """The task object and a config with overrides applied and task defaults filled in
+    (returned as given when ``task`` is a task object and ``config`` is already resolved)."""
+    if isinstance(task, Task) and config is not None and not overrides and config.is_resolved():
+        return task, config
     unknown = set(overrides) - {f.name for f in dataclasses.fields(LoFiTConfig)}
     if unknown:
         raise TypeError(f"Unknown LoFiT options: {sorted(unknown)}")
@@ -83,18 +88,59 @@ def _task_options(config: Optional[LoFiTConfig], overrides: dict[str, Any]) -> d
     return extra
 
 
-def training_data(task: Task, cfg: LoFiTConfig):
-    """(train examples, val examples) of a run, as the trainer consumes them."""
+@dataclass(frozen=True)
+class RunData:
+    """A run's training and validation examples, read and hashed once."""
+
+    train: list[TrainingExample]
+    val: list[TrainingExample]
+    data_hash: str
+
+
+def training_data(task: Task, cfg: LoFiTConfig) -> RunData:
+    """The train and val examples of a run, as the trainer consumes them, and their hash."""
     train = task.training_examples(task.train_examples(cfg.seed, cfg.max_train_examples))
     val = task.training_examples(task.eval_examples("val", cfg.max_val_examples)) \
         if cfg.max_val_examples != 0 else []
-    return train, val
+    return RunData(train, val, hash_examples(train))
 
 
 # ---------------------------------------------------------------------- the loop
+DIVERGENCE_FACTOR = 2.0
+DIVERGENCE_WINDOW = 3
+MAX_PARAMETER = 1e4
+"""Training has diverged when a loss is not finite; when the mean loss of the last
+``DIVERGENCE_WINDOW`` steps exceeds ``DIVERGENCE_FACTOR * first loss + 1`` (nats); or when an
+entry of a trained tensor, or a head's norm of it, is not finite or exceeds ``MAX_PARAMETER``
+(a head output scaled or shifted ten thousand times: the loss of a model whose norm layers
+absorb that can stay flat while the ranking becomes meaningless)."""
+
+
+def check_divergence(history: TrainingHistory, params: Sequence[torch.Tensor], desc: str,
+                     lr: float) -> None:
+    """Raise ``TrainingDivergedError`` when the last step shows divergence (see above)."""
+    losses, step = history.step_loss, len(history.step_loss)
+    hint = (f"lower the learning rate (lr={lr:g}); nothing of this step was saved, finished "
+            "steps are kept in the checkpoint")
+    if not math.isfinite(losses[-1]):
+        raise TrainingDivergedError(f"{desc}: the loss is {losses[-1]} at optimiser step {step}; {hint}")
+    with torch.no_grad():
+        largest = max((float(p.detach().norm(dim=-1).max()) for p in params if p.numel()), default=0.0)
+    if not largest <= MAX_PARAMETER:  # also catches nan and inf
+        raise TrainingDivergedError(
+            f"{desc}: a trained tensor reached a norm of {largest:.3g} after optimiser step "
+            f"{step} (limit {MAX_PARAMETER:g}; not finite or absurdly large); {hint}")
+    recent = losses[-DIVERGENCE_WINDOW:]
+    limit = DIVERGENCE_FACTOR * losses[0] + 1.0
+    if len(recent) == DIVERGENCE_WINDOW and sum(recent) / len(recent) > limit:
+        raise TrainingDivergedError(
+            f"{desc}: the loss rose from {losses[0]:.3f} to a mean of {sum(recent) / len(recent):.3f} "
+            f"over the last {DIVERGENCE_WINDOW} steps (limit {limit:.3f}); {hint}")
+
+
 def train_intervention(
     model,
-    intervention: HeadIntervention,
+    intervention: Intervention,
     train: Objective,
     val: Optional[Objective],
     *,
@@ -108,22 +154,24 @@ def train_intervention(
     max_grad_norm: float = 0.0,
     desc: str = "train",
     progress: bool = True,
-) -> dict[str, Any]:
-    """AdamW with linear decay to zero (no warm-up); ``l1_lambda * sum|A|`` is added when the
-    scale trains; gradients of loss and penalty together are clipped to ``max_grad_norm``
-    (total norm, as HF's Trainer does; 0: no clipping). Returns the loss history (per step,
-    per epoch, validation per epoch) and how many steps were clipped."""
+) -> TrainingHistory:
+    """AdamW with linear decay to zero (no warm-up); ``l1_lambda * sum|t|`` over the
+    intervention's ``l1_parameters()`` (LoFiT: the scales A) is added to the loss; gradients
+    of loss and penalty together are clipped to ``max_grad_norm`` (total norm, as HF's
+    Trainer does; 0: no clipping). Returns the loss history (per step, per epoch, validation
+    per epoch) and how many steps were clipped; a diverging run raises
+    ``TrainingDivergedError`` (``check_divergence``)."""
     params = intervention.trainable()
     optimizer = torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = max(1, epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / total)
     shuffle = torch.Generator().manual_seed(seed)
-    history: dict[str, Any] = {"step_loss": [], "epoch_loss": [], "val_loss": [], "clipped_steps": 0}
-    use_l1 = intervention.use_scale and l1_lambda > 0
+    history = TrainingHistory()
+    penalised = intervention.l1_parameters() if l1_lambda > 0 else []
 
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    with intervention.attach(model):
+    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar, \
+            intervention.attach(model):
         if getattr(train, "reference_at_init", False):  # official DPO: TRL's reference
             intervention.eval()
             train.compute_reference(model)
@@ -135,25 +183,25 @@ def train_intervention(
             epoch_losses = []
             for start in range(0, len(order), batch_size):
                 loss = train.loss(model, order[start:start + batch_size])
-                total_loss = loss + l1_lambda * intervention.scale.abs().sum() if use_l1 else loss
+                total_loss = loss + l1_lambda * sum(p.abs().sum() for p in penalised) if penalised else loss
                 optimizer.zero_grad(set_to_none=True)
                 total_loss.backward()
                 if max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    history["clipped_steps"] += int(norm > max_grad_norm)
+                    history.clipped_steps += int(norm > max_grad_norm)
                 optimizer.step()
                 schedule.step()
                 epoch_losses.append(loss.item())
-                history["step_loss"].append(epoch_losses[-1])
+                history.step_loss.append(epoch_losses[-1])
+                check_divergence(history, params, desc, lr)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{sum(epoch_losses) / len(epoch_losses):.4f}")
-            history["epoch_loss"].append(sum(epoch_losses) / max(1, len(epoch_losses)))
+            history.epoch_loss.append(sum(epoch_losses) / max(1, len(epoch_losses)))
             if val is not None and len(val):
                 intervention.eval()
-                history["val_loss"].append(validation_loss(model, val, batch_size))
-                bar.set_postfix(epoch=epoch + 1, loss=f"{history['epoch_loss'][-1]:.4f}",
-                                val=f"{history['val_loss'][-1]:.4f}")
-    bar.close()
+                history.val_loss.append(validation_loss(model, val, batch_size))
+                bar.set_postfix(epoch=epoch + 1, loss=f"{history.epoch_loss[-1]:.4f}",
+                                val=f"{history.val_loss[-1]:.4f}")
     intervention.eval()
     return history
 
@@ -181,11 +229,15 @@ class TrainingSet:
     data_hash: str
 
     @classmethod
-    def build(cls, model, task: Task, cfg: LoFiTConfig) -> "TrainingSet":
-        train, val = training_data(task, cfg)
-        return cls(build_objective(model, train, cfg.dpo_beta, cfg.protocol),
-                   build_objective(model, val, cfg.dpo_beta, cfg.protocol) if val else None,
-                   hash_examples(train))
+    def build(cls, model, task: Task, cfg: LoFiTConfig,
+              examples: Optional[RunData] = None) -> "TrainingSet":
+        """Encode the run's data (``examples``: already read by ``training_data``)."""
+        data = examples or training_data(task, cfg)
+        def objective(rows, split):
+            return build_objective(model, rows, cfg.dpo_beta, cfg.protocol, where=f"{task.name} {split}")
+
+        return cls(objective(data.train, "train"), objective(data.val, "val") if data.val else None,
+                   data.data_hash)
 
 
 # ---------------------------------------------------------------------- the two steps
@@ -206,7 +258,8 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
         desc="step 1: select heads",
         progress=progress,
     )
-    history.update(seconds=time.perf_counter() - start, data_hash=data_hash, n_train=len(train))
+    history.seconds, history.data_hash, history.n_train = time.perf_counter() - start, data_hash, len(train)
+    history.trainable_parameters = intervention.num_trainable_parameters()
     return HeadSelection(intervention.scale_norms(), intervention.scale.detach().clone(), history)
 
 
@@ -233,6 +286,6 @@ def tune_biases(model, task: TaskLike, heads: Optional[Sequence[Head]], *,
         desc="step 2: tune biases",
         progress=progress,
     )
-    history.update(seconds=time.perf_counter() - start, data_hash=data_hash, n_train=len(train),
-                   trainable_parameters=intervention.num_trainable_parameters())
+    history.seconds, history.data_hash, history.n_train = time.perf_counter() - start, data_hash, len(train)
+    history.trainable_parameters = intervention.num_trainable_parameters()
     return BiasTuning(intervention, intervention.active_heads if heads is None else list(heads), history)

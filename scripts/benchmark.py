@@ -32,10 +32,10 @@ import time
 import torch
 
 import lofit_lens as ll
-from lofit_lens.hooked import model_dims
+from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.objectives import build_objective
-from lofit_lens.run_cache import random_heads
+from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.training import train_intervention
 from lofit_lens.versions import library_versions
 

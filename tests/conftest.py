@@ -63,9 +63,9 @@ def tiny_hf(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_hf, tiny_tokenizer):
     """The tiny Llama as ``load_model`` would give it: a TransformerBridge under TL 4.x, a
-    HookedTransformer (converted by ``lofit_lens.legacy``) under TL 3.x."""
-    from lofit_lens.legacy import _convert_with_hf_config, _hooked_transformer_class, use_hooked_transformer
-    from lofit_lens.models import _finish
+    HookedTransformer (converted by ``lofit_lens.backends.tl3``) under TL 3.x."""
+    from lofit_lens.backends.tl3 import _convert_with_hf_config, _hooked_transformer_class, use_hooked_transformer
+    from lofit_lens.backends.hf import finish as _finish
 
     if use_hooked_transformer():
         model = _convert_with_hf_config(_hooked_transformer_class(), tiny_hf, tiny_tokenizer,

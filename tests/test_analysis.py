@@ -12,11 +12,11 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
-from lofit_lens import plotting
+from lofit_lens.analysis import plotting
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.granularity import granularity_table, layer_distribution, layer_summary
-from lofit_lens.logit_lens import bias_logit_lens
-from lofit_lens.overlap import head_overlap, paper_style_matrix
+from lofit_lens.analysis.granularity import granularity_table, layer_distribution, layer_summary
+from lofit_lens.analysis.logit_lens import bias_logit_lens
+from lofit_lens.analysis.overlap import head_overlap, paper_style_matrix
 from lofit_lens.result import LoFiTResult
 
 torch.set_num_threads(1)
@@ -232,7 +232,7 @@ def test_bias_logit_lens_on_stub():
 
 @pytest.mark.slow
 def test_bias_logit_lens_smollm2_matches_attention_output():
-    from lofit_lens.models import load_model
+    from lofit_lens.backends.models import load_model
 
     model = load_model()
     dims = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)

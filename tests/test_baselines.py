@@ -17,8 +17,8 @@ from lofit_lens.baselines import METHODS, compare
 from lofit_lens.baselines.iti import fit_probes, iti_intervention, statements
 from lofit_lens.baselines.lora import LoRA, train_lora
 from lofit_lens.baselines.selectors import probe_layer_heads
-from lofit_lens.hooked import ModelDims, hf_tokenizer, model_dims
-from lofit_lens.run_cache import random_heads
+from lofit_lens.backends.hooked import ModelDims, hf_tokenizer, model_dims
+from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.tasks import FileTask
 from lofit_lens.training import resolve_run
 
@@ -110,6 +110,28 @@ def test_compare_writes_tables_and_resumes_without_retraining(tiny_model, task_f
                 **{**TINY, "k": 3})
 
 
+def test_every_saved_intervention_reloads_and_scores_the_same(tiny_model, task_files, mc_run):
+    """compare saves each method's intervention (one store format); reloaded, it gives the
+    metrics the run recorded."""
+    from lofit_lens.baselines import load_intervention
+    from lofit_lens.eval.evaluate import split_metrics
+    from lofit_lens.tasks import get_task
+
+    _, out = mc_run
+    task = get_task(str(task_files["multiple_choice"]))
+    kinds = {}
+    for name in METHODS:
+        card = out / "runs" / f"{name}-seed0.json"
+        intervention = load_intervention(card)
+        kinds[name] = None if intervention is None else intervention.kind
+        recorded = json.loads(card.read_text())
+        metrics, _ = split_metrics(tiny_model, task, ("test",), TINY.get("max_eval_examples"),
+                                   intervention, 16, False, name)
+        assert metrics["test"]["mc2"] == pytest.approx(recorded["metrics"]["test"]["mc2"], abs=1e-6), name
+    assert kinds["zero_shot"] is None and kinds["lora"] == "lora" and kinds["iti"] == "iti_shift"
+    assert kinds["lofit"] == kinds["red"] == "head"
+
+
 def test_unknown_method_lists_the_known_ones(tiny_model, task_files):
     with pytest.raises(ValueError, match="known methods: zero_shot, iti, lofit"):
         compare(tiny_model, str(task_files["generation"]), methods=["lofit", "repe"], **TINY)
@@ -184,7 +206,7 @@ def test_lora_trains_without_touching_model_weights(tiny_model, task_files):
                             {"max_train_examples": 4, "epochs_bias": 1, "max_val_examples": 0})
     adapter, history = train_lora(tiny_model, task, cfg, rank=8, alpha=8, dropout=0.1, lr=1e-2,
                                   progress=False)
-    assert len(history["step_loss"]) == 1 and not adapter.training
+    assert len(history.step_loss) == 1 and not adapter.training
     for name, param in tiny_model.named_parameters():
         assert torch.equal(param, before[name]), name
     assert float(adapter.q_b.abs().sum()) > 0
@@ -221,7 +243,7 @@ def test_lofit_on_a_generation_file(tiny_model, task_files):
                    progress=False)
     assert 0 <= result.metrics["lofit"]["test"]["exact_match"] <= 1
     assert len(result.selected_heads) == 2
-    assert result.history["tune"]["trainable_parameters"] == 2 * model_dims(tiny_model).d_head
+    assert result.history.tune.trainable_parameters == 2 * model_dims(tiny_model).d_head
 
 
 def test_lofit_on_a_multiple_choice_file_with_dpo(tiny_model, task_files):
@@ -230,7 +252,7 @@ def test_lofit_on_a_multiple_choice_file_with_dpo(tiny_model, task_files):
                    extra={"loss": "dpo"}, progress=False)
     assert result.config.extra == {"loss": "dpo"}
     # DPO starts at log 2 (policy == reference up to the 1e-3 init); SFT would be ~log(vocab).
-    assert result.history["tune"]["step_loss"][0] == pytest.approx(math.log(2), abs=0.01)
+    assert result.history.tune.step_loss[0] == pytest.approx(math.log(2), abs=0.01)
     for m in ("mc1", "mc2", "mc3"):
         assert 0 <= result.metrics["lofit"]["test"][m] <= 1
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 import lofit_lens as ll
-from lofit_lens import hf_cache
+from lofit_lens.backends import hf_cache
 from lofit_lens.doctor import greedy_no_cache
 from lofit_lens.errors import BrokenEnvironmentError
-from lofit_lens.hooked import hf_tokenizer, uses_bridge
+from lofit_lens.backends.hooked import hf_tokenizer, uses_bridge
 
 pytestmark = pytest.mark.tl3  # also run under TransformerLens 3.x (scripts/test.sh)
 

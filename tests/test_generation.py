@@ -6,7 +6,7 @@ import pytest
 
 import torch
 
-from lofit_lens.generation import cut_at_stop, greedy_generate
+from lofit_lens.eval.generation import cut_at_stop, greedy_generate
 from lofit_lens.intervention import HeadIntervention
 
 from conftest import tiny_llama

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lofit_lens.hooked import attached_hooks, hook_z_name, logits_at, model_dims
+from lofit_lens.backends.hooked import attached_hooks, hook_z_name, logits_at, model_dims
 from lofit_lens.intervention import HeadIntervention, top_heads
 
 from conftest import tiny_llama
@@ -46,7 +46,7 @@ def test_bias_at_hook_z_equals_bias_at_hf_o_proj_input(tiny_model, tiny_tokenize
 
 
 def test_bias_matches_hf_o_proj_on_smollm2(smollm2):
-    from lofit_lens.models import load_hf
+    from lofit_lens.backends.hf import load_hf
 
     hf, tok = load_hf("smollm2-135m", device="cpu")
     iv = HeadIntervention.for_model(smollm2, use_scale=False).set_heads([(3, 2), (17, 8)]).init_normal(0.3)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import lofit_lens as ll
-from lofit_lens.hooked import hf_tokenizer, model_dims
-from lofit_lens.models import EMBEDDED_MODELS, load_hf
+from lofit_lens.backends.hooked import hf_tokenizer, model_dims
+from lofit_lens.backends.hf import EMBEDDED_MODELS, load_hf
 
 PROMPTS = ["The capital of France is", "Q: Who wrote Hamlet? A:", "My aunt's son is my"]
 

@@ -18,9 +18,9 @@ from lofit_lens.baselines.iti import (
 )
 from lofit_lens.batching import encode_pair
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import hf_tokenizer, model_dims
+from lofit_lens.backends.hooked import hf_tokenizer, model_dims
 from lofit_lens.intervention import HeadIntervention
-from lofit_lens.mc_scoring import choice_scores
+from lofit_lens.eval.mc_scoring import choice_scores
 from lofit_lens.objectives import DPOObjective, SFTObjective
 from lofit_lens.tasks.base import ChoiceExample, PreferenceExample, SFTExample
 from lofit_lens.tasks.clutrr import Clutrr, clutrr_example

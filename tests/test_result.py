@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lofit_lens as ll
-from lofit_lens.hooked import model_dims
+from lofit_lens.backends.hooked import model_dims
 from lofit_lens.result import LoFiTResult
 
 pytestmark = pytest.mark.tl3  # also run under TransformerLens 3.x (scripts/test.sh)

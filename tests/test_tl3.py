@@ -15,7 +15,7 @@ try:
 except ImportError as err:  # TL >= 4: "'HookedTransformer' was removed in TransformerLens 4.0"
     pytest.skip(f"needs TransformerLens 3.x HookedTransformer ({err})", allow_module_level=True)
 
-from lofit_lens.hooked import attached_hooks, final_residual, hook_z_name, logits_at, model_dims
+from lofit_lens.backends.hooked import attached_hooks, final_residual, hook_z_name, logits_at, model_dims
 from lofit_lens.intervention import HeadIntervention
 
 pytestmark = pytest.mark.tl3
@@ -276,8 +276,8 @@ def test_train_intervention_on_hooked_transformer(model):
     objective = _TokenSFT(pairs)
     history = train_intervention(model, iv, objective, objective, epochs=4, lr=0.1,
                                  l1_lambda=0.0, batch_size=3, seed=0, progress=False)
-    assert len(history["step_loss"]) == 4 * 2
-    assert history["val_loss"][-1] < history["val_loss"][0]
+    assert len(history.step_loss) == 4 * 2
+    assert history.val_loss[-1] < history.val_loss[0]
     assert iv.bias.detach()[~iv.head_mask].abs().sum() == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert our_hooks(model) == 0
@@ -286,8 +286,8 @@ def test_train_intervention_on_hooked_transformer(model):
 # ---------------------------------------------------------------------- a real model
 @pytest.mark.slow
 def test_smollm2_hooked_transformer_matches_hf():
-    from lofit_lens.legacy import load_hooked_transformer
-    from lofit_lens.models import load_hf
+    from lofit_lens.backends.tl3 import load_hooked_transformer
+    from lofit_lens.backends.hf import load_hf
 
     torch.set_num_threads(2)
     model = load_hooked_transformer("smollm2-135m", device="cpu")

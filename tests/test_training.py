@@ -8,7 +8,7 @@ import torch
 import lofit_lens as ll
 from lofit_lens.batching import collate, encode_pair, pad_id
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import model_dims
+from lofit_lens.backends.hooked import model_dims
 from lofit_lens.losses import sft_loss
 
 QUICK = dict(max_train_examples=16, max_val_examples=8, batch_size=4, progress=False)
@@ -45,7 +45,7 @@ def test_select_heads_ranks_every_head_and_is_seeded(tiny_model, tiny_task_file)
     assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
     assert torch.equal(a.scores, b.scores) and a.top(5) == b.top(5)
     assert not torch.equal(a.scores, c.scores)
-    assert a.history["epoch_loss"] and a.history["val_loss"]
+    assert a.history.epoch_loss and a.history.val_loss
 
 
 def test_tune_biases_trains_only_given_heads_and_is_seeded(tiny_model, tiny_task_file):
@@ -56,13 +56,13 @@ def test_tune_biases_trains_only_given_heads_and_is_seeded(tiny_model, tiny_task
     mask = torch.zeros(a.bias.shape[:2], dtype=torch.bool)
     mask[0, 1] = mask[2, 3] = True
     assert a.bias[~mask].abs().max() == 0 and a.bias[mask].abs().min() > 0
-    assert a.history["trainable_parameters"] == 2 * model_dims(tiny_model).d_head
+    assert a.history.trainable_parameters == 2 * model_dims(tiny_model).d_head
 
 
 def test_training_lowers_the_loss(tiny_model, tiny_task_file):
     tuning = ll.tune_biases(tiny_model, str(tiny_task_file), None, epochs_bias=6, lr_bias=5e-2,
                             max_train_examples=24, batch_size=4, progress=False)
-    losses = tuning.history["epoch_loss"]
+    losses = tuning.history.epoch_loss
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -99,7 +99,8 @@ def test_config_round_trip():
 def test_checkpoint_resumes_finished_phases(tiny_model, tiny_task_file, tmp_path, monkeypatch):
     kwargs = dict(k=2, epochs=1, eval_splits=("val",), checkpoint=tmp_path, **QUICK)
     first = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
-    assert len(list(tmp_path.glob("*.pt"))) == 3  # zero-shot, step 1, step 2
+    assert len(list(tmp_path.glob("*.json"))) == 3  # zero-shot, step 1, step 2
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
 
     def fail(*args, **kw):
         raise AssertionError("a finished phase was recomputed")
@@ -114,3 +115,36 @@ def test_checkpoint_resumes_finished_phases(tiny_model, tiny_task_file, tmp_path
     monkeypatch.setattr(tiny_model.cfg, "dtype", torch.float16)
     with pytest.raises(AssertionError, match="recomputed"):  # another dtype: not reused
         ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
+
+
+@pytest.mark.parametrize("lr", [1e6, 1e30])
+def test_diverged_training_stops_and_keeps_finished_phases(tiny_model, tiny_task_file, tmp_path,
+                                                           monkeypatch, lr):
+    """Issue rows: at lr 1e6 the loss climbed 6.4 -> 22.3; at 1e30 every score was inf and
+    the "selected" heads were L0H0.. in index order; both were saved as valid results."""
+    from lofit_lens.errors import TrainingDivergedError
+
+    kwargs = dict(k=2, epochs=2, eval_splits=("val",), checkpoint=tmp_path, **QUICK)
+    with pytest.raises(TrainingDivergedError, match="step 2: tune biases.*lower the learning rate"):
+        ll.lofit(tiny_model, str(tiny_task_file), **{**kwargs, "lr_bias": lr})
+    assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"zero_shot", "select"}
+    monkeypatch.setattr("lofit_lens.api.select_heads", lambda *a, **k: pytest.fail("recomputed"))
+    result = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)  # resumes after step 1
+    assert torch.isfinite(result.bias).all()
+
+
+def test_divergence_rule():
+    from lofit_lens.errors import TrainingDivergedError
+    from lofit_lens.history import TrainingHistory
+    from lofit_lens.training import check_divergence
+
+    ok = [torch.zeros(2)]
+    check_divergence(TrainingHistory(step_loss=[6.4, 9.0, 12.0, 13.0]), ok, "s", 1.0)  # < 2x+1
+    with pytest.raises(TrainingDivergedError, match="rose from 6.400"):
+        check_divergence(TrainingHistory(step_loss=[6.4, 15.0, 20.0, 22.3]), ok, "s", 1.0)
+    with pytest.raises(TrainingDivergedError, match="nan"):
+        check_divergence(TrainingHistory(step_loss=[6.4, float("nan")]), ok, "s", 1.0)
+    with pytest.raises(TrainingDivergedError, match="norm of inf"):
+        check_divergence(TrainingHistory(step_loss=[6.4]), [torch.full((2, 8), 1e30)], "s", 1.0)
+    with pytest.raises(TrainingDivergedError, match="norm of 2e"):
+        check_divergence(TrainingHistory(step_loss=[6.4]), [torch.full((1, 4), 1e5)], "s", 1.0)

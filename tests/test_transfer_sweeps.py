@@ -12,14 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from lofit_lens import run_cache
-from lofit_lens.plotting import save_figure
-from lofit_lens.run_cache import random_heads, settings_key
-from lofit_lens.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
+from lofit_lens.analysis import cells as run_cache
+from lofit_lens.backends.hooked import model_dims
+from lofit_lens.analysis.plotting import save_figure
+from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.store import settings_key
+from lofit_lens.analysis.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
 from lofit_lens.tasks.file_task import FileTask
 from lofit_lens.training import TrainingSet
-from lofit_lens.transfer import (
+from lofit_lens.analysis.transfer import (
     compare_to_same_task,
     paired_bootstrap_p,
     significance_mark,
@@ -127,7 +130,9 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, tasks, tmp_path, ca
     files = sorted((tmp_path / "cache" / "tiny-llama" / "cells").glob("*/bias-*.json"))
     assert len(files) == 6
     cell = json.loads(files[0].read_text())
-    assert {"settings", "key", "correct", "metrics", "heads", "bias", "accuracy"} <= set(cell)
+    assert {"settings", "key", "correct", "metrics", "heads", "accuracy", "tensors_sha256"} <= set(cell)
+    v = load_file(str(files[0].with_suffix(".safetensors")))["bias"]  # v on the 2 heads
+    assert v.shape == (2, model_dims(tiny_model).d_head)
     assert len(cell["correct"]) == 3 and cell["settings"]["epochs_bias"] == 1
     assert len(list((tmp_path / "cache" / "tiny-llama").glob("*/s0/select-*/*.safetensors"))) == 2
 
@@ -252,8 +257,8 @@ def test_sweep_plot_shares_equal_zero_shot_lines():
 
 
 # ---------------------------------------------------------------------- analysis modules
-@pytest.mark.parametrize("module", ["task_specificity", "granularity", "head_similarity",
-                                    "budget"])
+@pytest.mark.parametrize("module", ["fig2_task_specificity", "fig3_granularity",
+                                    "fig6_head_similarity", "fig4_fig5_budget"])
 def test_analysis_module_writes_figures_and_tables(module, tiny_model, data_dir, tmp_path,
                                                    monkeypatch):
     """Each module end to end on the tiny model (smoke budget, real task data)."""
@@ -264,7 +269,7 @@ def test_analysis_module_writes_figures_and_tables(module, tiny_model, data_dir,
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = ["--models", "tiny-llama", "--tasks", "mquake", "clutrr", "--budget", "smoke",
             "--max-eval-examples", "3", "--out", str(out), "--cache", str(cache), "--quiet",
-            "--paper-numbers", str(tmp_path / "absent.json")] if module != "budget" else \
+            "--paper-numbers", str(tmp_path / "absent.json")] if module != "fig4_fig5_budget" else \
         ["--models", "tiny-llama", "--tasks", "mquake", "--budget", "smoke",
          "--max-eval-examples", "3", "--out", str(out), "--cache", str(cache), "--quiet"]
     assert mod.main(argv) == 0
@@ -300,7 +305,9 @@ def test_budget_options(tmp_path):
 
 
 def test_paper_tables_parse():
-    from analysis import granularity, head_similarity, task_specificity
+    from analysis import fig2_task_specificity as task_specificity
+    from analysis import fig3_granularity as granularity
+    from analysis import fig6_head_similarity as head_similarity
     from analysis.common import default_paper_numbers, paper_numbers
 
     numbers = paper_numbers(default_paper_numbers())
@@ -319,7 +326,7 @@ def test_paper_tables_parse():
 
 
 def test_protocol_comparison_table_beside_the_paper():
-    from analysis import protocol_comparison as pc
+    from analysis import tables1_2_baselines as pc
 
     paper = pc.paper_rows()
     if not paper:

@@ -1,8 +1,9 @@
 """``compare``: LoFiT and its baselines on one task, one row per method (LoFiT Tables 1-3).
 
 Every (method, seed, fold) run is trained, evaluated on the first eval split and, with
-``out``, saved as ``out/runs/<method>[-fold<f>]-seed<s>.json`` before the next one starts;
-a later call with the same settings loads those files instead of re-running (resume).
+``out``, saved as ``out/runs/<method>[-fold<f>]-seed<s>.{json,safetensors}`` (a store artifact:
+the record and the method's intervention, reloadable with ``load_intervention``) before the
+next one starts; a later call with the same settings loads those instead of re-running.
 TruthfulQA given by name runs folds 0 and 1 (unless ``extra`` fixes a fold); its metrics are
 averaged over the folds per seed, then over seeds. ``zero_shot`` runs for the first seed
 only (it has no seed).
@@ -11,7 +12,6 @@ only (it has no seed).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -25,11 +25,18 @@ from lofit_lens.baselines.methods import (
     RunContext,
     get_method,
 )
-from lofit_lens.evaluation import split_metrics
-from lofit_lens.hooked import model_id
-from lofit_lens.run_cache import write_json
+from lofit_lens.eval.evaluate import split_metrics
+from lofit_lens.backends.hooked import model_id
+from lofit_lens.intervention import Intervention, rebuild_intervention
+from lofit_lens.store import (
+    artifact_exists, folder_lock, jsonable, load_artifact, read_json, save_artifact,
+    write_text,
+)
 from lofit_lens.training import TaskLike, resolve_run
 
+RUN_KIND = "compare_run"
+COUNTS = ("n", "truncated_prompts")
+"""Metrics that count examples rather than score them: not averaged into the table."""
 DEFAULT_METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
 Cell = dict[str, Any]
 
@@ -81,9 +88,9 @@ def compare(
     frame = summary_table(cells, methods)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(out / "compare.csv", index=False)
+        write_text(out / "compare.csv", frame.to_csv(index=False))
         title = f"{cells[0]['task']} with {model_id(model)}, k={k}, seeds {list(seeds)}"
-        (out / "compare.md").write_text(f"# {title}\n\n{markdown_table(frame)}\n\n{NOTE}\n")
+        write_text(out / "compare.md", f"# {title}\n\n{markdown_table(frame)}\n\n{NOTE}\n")
     return frame
 
 
@@ -98,26 +105,45 @@ def _folds(task: TaskLike, extra: Optional[dict[str, Any]]) -> list[Optional[int
 
 
 def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) -> Cell:
-    """One run's record, loaded from ``out`` when already there with the same settings."""
-    settings = _jsonable({"model": model_id(ctx.model), "config": ctx.cfg.to_dict(),
-                          "options": dataclasses.asdict(ctx.options)})
-    path = None
-    if out is not None:
-        tag = "" if fold is None else f"-fold{fold}"
-        path = out / "runs" / f"{name}{tag}-seed{ctx.cfg.seed}.json"
-        if path.is_file():
-            cell = json.loads(path.read_text())
-            if cell.get("settings") != settings:
-                raise ValueError(f"{path} holds a run with other settings; pass another `out` "
-                                 "folder or delete that file")
-            return cell
-    cell = _run(ctx, name, fold) | {"settings": settings}
-    if path is not None:
-        write_json(path, _jsonable(cell))
+    """One run's record, loaded from ``out`` when already there with the same settings.
+
+    With ``out``, each run is a store artifact ``runs/<method>[-fold<f>]-seed<s>.{json,
+    safetensors}``: the record as the card, the method's intervention as tensors
+    (``load_intervention`` rebuilds it)."""
+    settings = jsonable({"model": model_id(ctx.model), "config": ctx.cfg.to_dict(),
+                         "options": dataclasses.asdict(ctx.options)})
+    if out is None:
+        return _run(ctx, name, fold)[0] | {"settings": settings}
+    tag = "" if fold is None else f"-fold{fold}"
+    folder, stem = out / "runs", f"{name}{tag}-seed{ctx.cfg.seed}"
+    if artifact_exists(folder, name=stem):
+        cell = read_json(folder / f"{stem}.json")
+        if cell.get("settings") != settings:
+            raise ValueError(f"{folder / stem}.json holds a run with other settings; pass another "
+                             "`out` folder or delete that file")
+        if "tensors_file" in cell:  # verify the card and its tensors (0.1.0 wrote JSON only)
+            load_artifact(folder, kind=RUN_KIND, name=stem)
+        return cell
+    cell, intervention = _run(ctx, name, fold)
+    cell = jsonable(cell | {"settings": settings, "intervention": None if intervention is None else
+                            {"kind": intervention.kind, "spec": intervention.spec()}})
+    tensors = {} if intervention is None else intervention.state_tensors()
+    with folder_lock(out):
+        save_artifact(folder, tensors, cell, kind=RUN_KIND, name=stem)
     return cell
 
 
-def _run(ctx: RunContext, name: str, fold: Optional[int]) -> Cell:
+def load_intervention(card_path: Union[str, Path]) -> Optional[Intervention]:
+    """The intervention a ``compare`` run saved (``runs/<stem>.json``); ``None`` for the
+    plain model (zero-shot)."""
+    card_path = Path(card_path)
+    tensors, card = load_artifact(card_path.parent, kind=RUN_KIND, card_name=card_path.name,
+                                  required=("intervention",))
+    saved = card["intervention"]
+    return None if saved is None else rebuild_intervention(saved["kind"], saved["spec"], tensors)
+
+
+def _run(ctx: RunContext, name: str, fold: Optional[int]) -> tuple[Cell, Optional[Intervention]]:
     probes_fitted_before = ctx.probe_seconds
     start = time.perf_counter()
     run = get_method(name)(ctx)
@@ -132,12 +158,7 @@ def _run(ctx: RunContext, name: str, fold: Optional[int]) -> Cell:
         "split": ctx.cfg.eval_splits[0], "metrics": metrics, "params": run.params,
         "seconds": seconds, "eval_seconds": time.perf_counter() - start,
         "heads": None if run.heads is None else [list(h) for h in run.heads], "info": run.info,
-    }
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as it reads back from JSON (tuples -> lists, paths -> strings)."""
-    return json.loads(json.dumps(value, default=str))
+    }, run.intervention
 
 
 def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame:
@@ -147,7 +168,7 @@ def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame
         mine = [c for c in cells if c["method"] == name]
         split = mine[0]["split"]
         names = [m for m, v in mine[0]["metrics"][split].items()
-                 if m != "n" and isinstance(v, (int, float))]  # not "match", a mode name
+                 if m not in COUNTS and isinstance(v, (int, float))]  # not "match", a mode name
         folds = sorted({c["fold"] for c in mine if c["fold"] is not None})
         row: dict[str, Any] = {"method": name}
         for m in names:

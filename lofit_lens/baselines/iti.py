@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import einops
 import numpy as np
@@ -39,12 +39,12 @@ from jaxtyping import Float, Int
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from lofit_lens.batching import collate, encode_pair, pad_id
-from lofit_lens.hooked import (
+from lofit_lens.batching import check_fits, collate, context_length, encode_pair, pad_id
+from lofit_lens.backends.hooked import (
     ModelDims, attached_hooks, hf_tokenizer, hook_z_name, model_device, model_dims,
 )
-from lofit_lens.intervention import Head, HeadIntervention, top_heads
-from lofit_lens.positions import current_answer_index
+from lofit_lens.intervention import Head, HeadIntervention, register_intervention, top_heads
+from lofit_lens.eval.positions import current_answer_index
 from lofit_lens.tasks.base import ChoiceExample, Example, GenerationExample, Task
 
 VAL_FRACTION = 0.2
@@ -105,6 +105,7 @@ def head_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 
     ``joint``: the two tokenised as one string, as honest_llama does)."""
     tok, dims = hf_tokenizer(model), model_dims(model)
     encoded = [encode_pair(tok, p, a, joint=joint) for p, a in pairs]
+    check_fits(encoded, context_length(model), "ITI probe", [p for p, _ in pairs])
     out = torch.zeros(len(encoded), dims.n_layers, dims.n_heads, dims.d_head)
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start:start + batch_size], pad_id(tok)).to(model_device(model))
@@ -158,16 +159,30 @@ def _val_rows(groups: Int[Tensor, " n"], seed: int) -> np.ndarray:
 Where = Literal["all", "last", "answer"]
 
 
+@register_intervention
 class ITIShift(HeadIntervention):
     """ITI's frozen shift at ``hook_z``, applied ``where`` honest_llama applies it:
     ``all`` positions, the ``last`` position of each forward (generation), or ``answer``
-    tokens of MC scoring from index ``answer_offset`` on (``lofit_lens.positions``)."""
+    tokens of MC scoring from index ``answer_offset`` on (``lofit_lens.eval.positions``)."""
+
+    kind: ClassVar[str] = "iti_shift"
 
     def __init__(self, dims: ModelDims, where: Where = "all", answer_offset: int = 0):
         super().__init__(dims, use_scale=False, use_bias=True)
         if where not in ("all", "last", "answer"):
             raise ValueError(f"where must be 'all', 'last' or 'answer', got {where!r}")
         self.where, self.answer_offset = where, answer_offset
+
+    def spec(self) -> dict[str, Any]:
+        return {"dims": list(self.dims), "where": self.where, "answer_offset": self.answer_offset}
+
+    @classmethod
+    def from_saved(cls, spec: dict[str, Any], tensors: dict[str, Tensor]) -> "ITIShift":
+        module = cls(ModelDims(*spec["dims"]), spec["where"], spec["answer_offset"])
+        with torch.no_grad():
+            module.bias.copy_(tensors["bias"])
+            module.head_mask.copy_(tensors["head_mask"].bool())
+        return module
 
     def edit(self, z: Float[Tensor, "batch pos head d_head"], layer: int) -> Float[Tensor, "batch pos head d_head"]:
         if self.where == "all":
@@ -180,7 +195,7 @@ class ITIShift(HeadIntervention):
             index = current_answer_index()
             if index is None or tuple(index.shape) != tuple(z.shape[:2]):
                 raise RuntimeError("An ITI shift on answer tokens needs multiple-choice scoring "
-                                   "(lofit_lens.mc_scoring) to say where the answers are")
+                                   "(lofit_lens.eval.mc_scoring) to say where the answers are")
             at = index.to(z.device) >= self.answer_offset
         return z + einops.einsum(at.to(z.dtype), offset, "b p, head d -> b p head d")
 

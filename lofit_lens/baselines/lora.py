@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 import einops
 import torch
@@ -28,8 +28,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import attached_hooks, model_device, uses_bridge
+from lofit_lens.backends.hooked import attached_hooks, model_device, uses_bridge
+from lofit_lens.intervention import register_intervention
 from lofit_lens.tasks.base import Task
+from lofit_lens.history import TrainingHistory
 from lofit_lens.training import TrainingSet, train_intervention
 
 
@@ -47,15 +49,17 @@ def lora_dims(model) -> LoRADims:
     return LoRADims(int(cfg.n_layers), int(cfg.d_model), int(cfg.n_heads), int(n_kv), int(cfg.d_head))
 
 
+@register_intervention
 class LoRA(nn.Module):
     """Low-rank updates of W_Q and W_V on all layers; the model's weights never change."""
 
-    use_scale = False  # for ``train_intervention``: no L1 term
+    kind: ClassVar[str] = "lora"
 
     def __init__(self, dims: LoRADims, rank: int = 8, alpha: float = 8.0, dropout: float = 0.1,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.dims = LoRADims(*dims)
+        self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
         self.dropout = dropout
         n, d = self.dims.n_layers, self.dims.d_model
@@ -72,8 +76,26 @@ class LoRA(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [self.q_a, self.q_b, self.v_a, self.v_b]
 
+    def l1_parameters(self) -> list[nn.Parameter]:
+        return []
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable())
+
+    def spec(self) -> dict[str, Any]:
+        return {"dims": list(self.dims), "rank": self.rank, "alpha": self.alpha,
+                "dropout": self.dropout}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name).detach() for name in ("q_a", "q_b", "v_a", "v_b")}
+
+    @classmethod
+    def from_saved(cls, spec: dict[str, Any], tensors: dict[str, Tensor]) -> "LoRA":
+        module = cls(LoRADims(*spec["dims"]), spec["rank"], spec["alpha"], spec["dropout"])
+        with torch.no_grad():
+            for name, value in tensors.items():
+                getattr(module, name).copy_(value)
+        return module.eval()
 
     def delta(self, x: Float[Tensor, "batch pos d_model"], a: Float[Tensor, "rank d_model"],
               b: Float[Tensor, "d_out rank"]) -> Float[Tensor, "batch pos head d_head"]:
@@ -113,7 +135,7 @@ class LoRA(nn.Module):
 
 
 def train_lora(model, task: Task, cfg: LoFiTConfig, *, rank: int, alpha: float, dropout: float,
-               lr: float, progress: bool = True) -> tuple[LoRA, dict[str, Any]]:
+               lr: float, progress: bool = True) -> tuple[LoRA, TrainingHistory]:
     """LoRA trained on the run's data in LoFiT's loop (``cfg.epochs_bias`` epochs, AdamW,
     linear decay); dropout is on during training only."""
     data = TrainingSet.build(model, task, cfg)

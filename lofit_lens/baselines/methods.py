@@ -21,9 +21,9 @@ from lofit_lens.baselines.iti import (
 from lofit_lens.baselines.lora import train_lora
 from lofit_lens.baselines.selectors import probe_layer_heads
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import hf_tokenizer, model_dims
+from lofit_lens.backends.hooked import hf_tokenizer, model_dims
 from lofit_lens.intervention import Head, top_heads
-from lofit_lens.run_cache import random_heads
+from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.tasks.base import Task
 from lofit_lens.tasks.truthfulqa import TruthfulQA
 from lofit_lens.training import select_heads, tune_biases

@@ -1,7 +1,4 @@
-"""Head selectors for bias tuning (LoFiT Table 2) that need no training of their own.
-
-Random heads: ``lofit_lens.run_cache.random_heads`` (shared with the analyses).
-"""
+"""Head selectors for bias tuning (LoFiT Table 2) that need no training of their own."""
 
 from __future__ import annotations
 
@@ -9,6 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from lofit_lens.backends.hooked import ModelDims
 from lofit_lens.intervention import Head
 
 
@@ -24,3 +22,9 @@ def probe_layer_heads(accuracy: Float[Tensor, "layer head"], k: int) -> list[Hea
         if len(heads) == k:
             break
     return heads
+
+
+def random_heads(dims: ModelDims, k: int, seed: int) -> list[Head]:
+    """``k`` heads drawn uniformly without replacement (seeded), sorted by (layer, head)."""
+    order = torch.randperm(dims.total_heads, generator=torch.Generator().manual_seed(seed))
+    return sorted((int(i) // dims.n_heads, int(i) % dims.n_heads) for i in order[:k])

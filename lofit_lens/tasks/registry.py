@@ -49,11 +49,22 @@ def get_task(
         if options:
             raise ValueError(f"Options {sorted(options)} cannot apply to an existing Task")
         return name_or_path
+    from lofit_lens.errors import ConfigError
+
+    def located(path: Union[str, Path], found: Optional[Path] = None) -> Path:
+        found = _locate(path, data_dir) if found is None else found
+        if found.is_dir():  # named as such, not "not found" / "unknown task"
+            raise ConfigError(f"Task path {str(path)!r} is a directory, expected a "
+                              f"{'/'.join(FILE_SUFFIXES)} task file")
+        return found
+
     if isinstance(name_or_path, Mapping):
-        return FileTask({k: _locate(p, data_dir) for k, p in name_or_path.items()}, **options)
+        return FileTask({k: located(p) for k, p in name_or_path.items()}, **options)
     text = str(name_or_path)
+    if text.lower() not in _REGISTRY:
+        located(text, Path(text))
     if text.lower().endswith(FILE_SUFFIXES):
-        return FileTask(_locate(text, data_dir), **options)
+        return FileTask(located(text), **options)
     factory = _REGISTRY.get(text.lower())
     if factory is None:
         raise ValueError(f"Unknown task {text!r}: registered tasks are {list_tasks()}, or give "

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.hooked import hf_tokenizer
+from lofit_lens.backends.hooked import hf_tokenizer
 from lofit_lens.result import Head, LoFiTResult
 
 

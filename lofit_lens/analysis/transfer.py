@@ -4,7 +4,7 @@
 heads), tunes offsets on every target task T with each head set, and evaluates on T's test
 split with T's primary metric (exact match; MC1 for multiple choice). Cells are compared
 with the same-task cell (S = T) of their column by a one-sided paired bootstrap over test
-examples. Head selections and every cell are cached on disk (see ``lofit_lens.run_cache``):
+examples. Head selections and every cell are cached on disk (see ``lofit_lens.analysis.cells``):
 a rerun reads what is done and computes the rest.
 """
 
@@ -21,10 +21,10 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import model_dims
+from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervention import Head
-from lofit_lens.run_cache import bias_cell, cached_selection
-from lofit_lens.run_cache import random_heads as draw_random_heads
+from lofit_lens.analysis.cells import bias_cell, cached_selection
+from lofit_lens.baselines.selectors import random_heads as draw_random_heads
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import TaskLike, TrainingSet, resolve_run
 
@@ -53,7 +53,7 @@ class TransferResult:
     def figure(self, title: Optional[str] = None):
         """``plot_transfer`` coloured by ``relative``; cells show the accuracy (%) and mark,
         as the paper's Fig. 2 does."""
-        from lofit_lens.plotting import plot_transfer
+        from lofit_lens.analysis.plotting import plot_transfer
 
         fig = plot_transfer(self.relative, self.marks, title=title)
         fig.data[0].text = ((100 * self.accuracy).round(1).astype(str) + self.marks).to_numpy()
@@ -137,7 +137,7 @@ def transfer_matrix(
     ``k``: a count or a fraction of all heads (paper: 3%). ``budget_overrides`` are
     ``LoFiTConfig`` fields for every task (``epochs_select=1``, ``max_train_examples=48``,
     ``max_eval_examples=48``, ...); ``task_overrides`` adds per-task ones. Head selections
-    and cells are cached under ``cache_dir`` (layout: ``lofit_lens.run_cache``).
+    and cells are cached under ``cache_dir`` (layout: ``lofit_lens.analysis.cells``).
     """
     overrides = {**budget_overrides, "k": k, "seed": seed}
     sources = list(sources) if sources is not None else list(tasks)
