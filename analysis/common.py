@@ -1,8 +1,12 @@
 """What the analysis modules share: command line, budgets, task options, output files.
 
-Budgets (``--budget quick|paper|smoke``): ``lofit_lens.budgets``.
+Budgets (``--budget NAME``): the registry ``lofit_lens.budgets`` (the same names as
+``lofit-lens --budget`` and the notebooks'). The run settings (``--k``, ``--seed``,
+``--epochs``, ``--max-train-examples``, ``--max-eval-examples``, ``--protocol``) are
+``LoFiTConfig`` fields, their flags made by ``lofit_lens.config.add_config_arguments`` as for
+the ``lofit-lens`` command line; ``--max-train-examples``, ``--max-eval-examples`` and
+``--epochs`` override any budget.
 
-``--max-train-examples``, ``--max-eval-examples`` and ``--epochs`` override any budget.
 TruthfulQA runs on fold 0 only (the paper averages the two folds); pass
 ``--truthfulqa-fold 1`` for the other.
 
@@ -23,14 +27,13 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
-from lofit_lens.budgets import BUDGETS
-from lofit_lens.cli import k_value
-from lofit_lens.config import LoFiTConfig
-from lofit_lens.hooked import model_dims, model_id
-from lofit_lens.plotting import save_figure
+from lofit_lens.budgets import BUDGETS, budget_help, get_budget
+from lofit_lens.config import LoFiTConfig, add_config_arguments, config_overrides
+from lofit_lens.backends.hooked import model_dims, model_id
+from lofit_lens.analysis.plotting import save_figure
+from lofit_lens.errors import ConfigError
 from lofit_lens.result import LoFiTResult
-from lofit_lens.run_cache import cached_selection, selection_result
-from lofit_lens.tasks import clutrr, mquake, truthfulqa
+from lofit_lens.analysis.cells import cached_selection, selection_result
 from lofit_lens.training import resolve_run
 from lofit_lens.versions import library_versions
 
@@ -39,53 +42,50 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 PAPER_NAMES = {"truthfulqa": "TruthfulQA", "mquake": "MQuAKE", "clutrr": "CLUTRR",
                "random": "Random"}
 PAPER_MODELS = ("Llama-2-7B", "Gemma-7B", "Llama-2-13B")
-# Table 6, Llama-2-7B: step-2 learning rate with K = 10% of heads (the 3% one is the task's
-# PAPER_HYPERPARAMS.lr_bias).
-PAPER_HYPERPARAMS = {"clutrr": clutrr.PAPER_HYPERPARAMS, "mquake": mquake.PAPER_HYPERPARAMS,
-                     "truthfulqa": truthfulqa.PAPER_HYPERPARAMS}
-PAPER_LR_BIAS_10PCT = {"clutrr": 5e-3, "mquake": 5e-3, "truthfulqa": 5e-3}
+BUDGET_SETTINGS = ("max_train_examples", "max_eval_examples", "epochs")
+"""The ``LoFiTConfig`` flags that override the budget (default: the budget's)."""
 
 
-BUDGET_HELP = (
-    "quick (default): <=40 training examples, 1 epoch for step 1, 3 epochs at lr 5e-2 for "
-    "step 2, no validation, 48 test "
-    "examples (24 TruthfulQA questions), sweeps at K=3/10/50%% and 16/40 examples: under "
-    "30 min per module for both embedded models on 2 CPU cores. paper: 5+5 epochs, all "
-    "data, Table 6 hyperparameters (for a GPU and 7B models). smoke: 8 training / 8 test "
-    "examples, a wiring check."
-)
+class SettingsParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that checks the run settings once parsed: a bad one (``--epochs
+    1 2 3``, ``--epochs 0``, ...) is a usage error before any model loads."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        try:
+            overrides, per_task = run_options(parsed)
+            for task in parsed.tasks:
+                options = {n: v for n, v in per_task[task].items() if n != "extra"}
+                LoFiTConfig(**{**overrides, **options,
+                               **{n: getattr(parsed, n) for n in ("k", "seed")
+                                  if getattr(parsed, n, None) is not None}})
+        except ConfigError as err:
+            self.error(str(err))
+        return parsed
 
 
 def parser(module: str, description: str, k: Optional[float],
            seed: bool = True) -> argparse.ArgumentParser:
     """The common options; ``k``: this figure's paper K (None: the module has no ``--k``);
     ``seed=False`` for a module with its own seed option (``--seeds``)."""
-    p = argparse.ArgumentParser(prog=f"python -m analysis.{module}", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = SettingsParser(prog=f"python -m analysis.{module}", description=description,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS),
                    help="embedded short names or Hub ids / HF folders (default: both embedded)")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--budget", choices=sorted(BUDGETS), default="quick", help=BUDGET_HELP)
+    p.add_argument("--budget", choices=list(BUDGETS), default="quick",
+                   help="lofit_lens.budgets (default quick): " + budget_help())
     p.add_argument("--out", type=Path, default=Path("analysis_out") / module,
                    help=f"figures and tables (default analysis_out/{module})")
     p.add_argument("--cache", type=Path, default=Path("analysis_out") / "cache",
                    help="cache of head selections and cells, shared by the modules "
                         "(default analysis_out/cache)")
-    if k is not None:
-        p.add_argument("--k", type=k_value, default=k,
-                       help=f"heads: a count or a fraction of all heads (default {k}, as the "
-                            "paper for this figure)")
-    if seed:
-        p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-train-examples", type=int, help="override the budget (0 = all)")
-    p.add_argument("--max-eval-examples", type=int,
-                   help="override the budget for every task (0 = all)")
-    p.add_argument("--epochs", type=int, nargs="+", metavar="N",
-                   help="override the budget: epochs for both steps, or step 1 and step 2")
+    names = (("k",) if k is not None else ()) + (("seed",) if seed else ()) + BUDGET_SETTINGS
+    add_config_arguments(p, names + ("protocol",),
+                         defaults={"k": k, "seed": 0, "protocol": LoFiTConfig.protocol},
+                         fallbacks={n: "the budget's" for n in BUDGET_SETTINGS},
+                         notes={"k": ", as the paper for this figure"})
     p.add_argument("--truthfulqa-fold", type=int, default=0, choices=(0, 1))
-    p.add_argument("--protocol", default="official", choices=("official", "clean"),
-                   help="the authors' code point by point (default) or without their quirks "
-                        "(docs/protocol.md)")
     p.add_argument("--data-dir", help="folder of the LoFiT splits (default: lofit_lens's)")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -94,38 +94,29 @@ def parser(module: str, description: str, k: Optional[float],
     return p
 
 
-def head_fraction(k, total_heads: int) -> float:
-    """``k`` (a count or a fraction of all heads) as the fraction of heads it selects."""
-    return LoFiTConfig(k=k).num_heads(total_heads) / total_heads
-
-
 def run_options(args, k=None, total_heads: Optional[int] = None,
                 ) -> tuple[dict[str, Any], dict[str, dict]]:
     """(``LoFiTConfig`` overrides for every task, per-task overrides) of the budget, the
     paper hyperparameters at ``k`` heads (paper budget: Table 6's step-2 rate for 10% of
     the heads when ``k`` selects at least 10% of ``total_heads``) and the command-line
     overrides."""
-    budget = BUDGETS[args.budget]
-    overrides = dict(budget.overrides, protocol=getattr(args, "protocol", "official"))
-    if args.max_train_examples is not None:
-        overrides["max_train_examples"] = args.max_train_examples or None
-    if args.epochs:
-        overrides.update(epochs_select=args.epochs[0], epochs_bias=args.epochs[-1])
+    budget = get_budget(args.budget)
+    given = config_overrides(args, BUDGET_SETTINGS)
+    max_eval = given.pop("max_eval_examples", ...)
+    overrides = dict(budget.overrides, protocol=getattr(args, "protocol", "official"), **given)
     per_task: dict[str, dict] = {}
     for task in args.tasks:
         options = dict(budget.task_overrides.get(task, {}))
-        if args.max_eval_examples is not None:
-            options["max_eval_examples"] = args.max_eval_examples or None
+        if max_eval is not ...:
+            options["max_eval_examples"] = max_eval
         extra = {"data_dir": args.data_dir} if args.data_dir else {}
         if task == "truthfulqa":
             extra["fold"] = args.truthfulqa_fold
         if extra:
             options["extra"] = extra
         if budget.paper_hyperparams:
-            hp = PAPER_HYPERPARAMS[task]
-            large_k = k is not None and head_fraction(k, total_heads) >= 0.1
-            lr_bias = PAPER_LR_BIAS_10PCT[task] if large_k else hp.lr_bias
-            options.update(l1_lambda=hp.l1_lambda, lr_select=hp.lr_select, lr_bias=lr_bias)
+            options.update({n: v for n, v in budget.task_settings(task, k, total_heads).items()
+                            if n in ("l1_lambda", "lr_select", "lr_bias")})
         per_task[task] = options
     return overrides, per_task
 

@@ -4,7 +4,7 @@ Selects the top-K heads on each task (paper: K = 3%; TruthfulQA on fold 0), for 
 of --seeds, and writes to --out: layer_distribution.{html,png} (percentage of the selected
 heads per layer, one panel per model and task, dashed lines at floor(L/3) and
 2 floor(L/3)), granularity.csv (peak layers, share per third, contiguity: see
-lofit_lens.granularity.layer_summary), layer_counts.csv (count per layer), and the same
+lofit_lens.analysis.granularity.layer_summary), layer_counts.csv (count per layer), and the same
 table and figure for the paper's Fig. 3 head sets (paper_granularity.csv,
 paper_layer_distribution.{html,png}).
 
@@ -28,8 +28,8 @@ from analysis.common import (
     write_figure, write_table,
 )
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.granularity import granularity_table, layer_distribution
-from lofit_lens.plotting import plot_layer_distribution
+from lofit_lens.analysis.granularity import granularity_table, layer_distribution
+from lofit_lens.analysis.plotting import plot_layer_distribution
 from lofit_lens.result import LoFiTResult
 
 MODULE = "granularity"

@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from analysis.common import BUDGETS, RunLog, load, parser, run_options, write_figure, write_table
-from lofit_lens.hooked import model_dims
-from lofit_lens.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
+from lofit_lens.backends.hooked import model_dims
+from lofit_lens.analysis.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
 
 MODULE = "budget"
 

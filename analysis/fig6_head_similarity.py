@@ -3,7 +3,7 @@
 Per model: the top-K heads (paper: K = 3%) selected on each task with two seeds (the
 diagonal compares seed 0 with seed 1), plus K random heads, compared by the paper's
 Jaccard |Ti & Tj| / K and by the earth mover's distance between their per-layer
-distributions (in layers); see lofit_lens.overlap. Across models (SmolLM2 vs Gemma, whose
+distributions (in layers); see lofit_lens.analysis.overlap. Across models (SmolLM2 vs Gemma, whose
 heads cannot be matched), the seed-0 sets are compared on relative depth: a depth-bin
 overlap and the EMD in units of the whole depth.
 
@@ -30,10 +30,11 @@ from analysis.common import (
     PAPER_MODELS, PAPER_NAMES, RunLog, default_paper_numbers, head_sets, load, paper_numbers,
     parser, write_figure, write_table,
 )
-from lofit_lens.hooked import model_dims, model_id
-from lofit_lens.overlap import OverlapReport, head_overlap, paper_style_matrix
-from lofit_lens.plotting import plot_overlap
-from lofit_lens.run_cache import random_result, slug
+from lofit_lens.backends.hooked import model_dims, model_id
+from lofit_lens.analysis.overlap import OverlapReport, head_overlap, paper_style_matrix
+from lofit_lens.analysis.plotting import plot_overlap
+from lofit_lens.analysis.cells import random_result
+from lofit_lens.store import slug
 
 MODULE = "head_similarity"
 SEEDS = (0, 1)

@@ -1,12 +1,14 @@
 """The measured effect of the protocol: zero-shot and LoFiT under ``official`` and ``clean``.
 
-    python -m analysis.protocol_effect [--model smollm2-135m] [--seed 0] [--out analysis_out/protocol_effect]
+    python -m analysis.protocol_effect [--model smollm2-135m] [--seed 0] [--budget protocol]
+        [--out analysis_out/protocol_effect]
 
-For each paper task, one LoFiT run per protocol with the same seed, K and budget, and the
-zero-shot score of the same test examples. The budget is the quick one with a larger test
-set (200 examples, 50 TruthfulQA questions of fold 0): 80 training examples, step 1 for
-1 epoch, step 2 for 3 epochs at lr 5e-2, no validation. Writes ``table.md`` and
-``table.csv``; docs/protocol.md quotes them.
+For each paper task, one LoFiT run per protocol with the same seed, K (10% of the heads) and
+budget, and the zero-shot score of the same test examples. ``--budget`` takes any budget of
+``lofit_lens.budgets``; the default, ``protocol``, is the quick one with a larger test set
+(200 examples, 50 TruthfulQA questions of fold 0): 80 training examples, step 1 for 1 epoch,
+step 2 for 3 epochs at lr 5e-2, no validation. Writes ``table.md`` and ``table.csv``;
+docs/protocol.md quotes them.
 """
 
 from __future__ import annotations
@@ -14,24 +16,29 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import pandas as pd
 
 import lofit_lens as ll
+from lofit_lens.backends.hooked import model_dims
+from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 from lofit_lens.tasks.base import PROTOCOLS
 
 TASKS = ("clutrr", "mquake", "truthfulqa")
-SETTINGS = dict(k=0.1, epochs=(1, 3), lr_bias=5e-2, max_train_examples=80, max_val_examples=0)
-EVAL_EXAMPLES = {"clutrr": 200, "mquake": 200, "truthfulqa": 50}
+K = 0.1
+DEFAULT_BUDGET = "protocol"
 
 
-def run(model, seed: int, tasks=TASKS, progress: bool = True) -> pd.DataFrame:
+def run(model, seed: int, tasks=TASKS, progress: bool = True,
+        budget: str = DEFAULT_BUDGET) -> pd.DataFrame:
     rows = []
+    total_heads = model_dims(model).total_heads
     for task in tasks:
         for protocol in PROTOCOLS:
             start = time.perf_counter()
-            result = ll.lofit(model, task, seed=seed, protocol=protocol, progress=progress,
-                              max_eval_examples=EVAL_EXAMPLES[task], **SETTINGS)
+            result = ll.lofit(model, task, k=K, seed=seed, protocol=protocol, progress=progress,
+                              **budget_settings(budget, task, K, total_heads))
             metric = "exact_match" if "exact_match" in result.metrics["lofit"]["test"] else "mc2"
             for label in ("zero_shot", "lofit"):
                 m = result.metrics[label]["test"]
@@ -53,18 +60,24 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--budget", choices=list(BUDGETS), default=DEFAULT_BUDGET,
+                        help=f"lofit_lens.budgets (default {DEFAULT_BUDGET}): " + budget_help())
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--out", default="analysis_out/protocol_effect")
     parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     model = ll.load_model(args.model)
     ll.doctor(model, fast=True).raise_if_failed()
-    frame = run(model, args.seed, args.tasks, progress=not args.quiet)
+    frame = run(model, args.seed, args.tasks, progress=not args.quiet, budget=args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / "table.csv", index=False)

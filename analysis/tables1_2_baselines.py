@@ -1,13 +1,15 @@
 """Tables 1/2 of the paper on a small model: 0-shot, ITI, random heads, ITI heads, LoFiT on
 TruthfulQA (both folds), MQuAKE and CLUTRR, next to the paper's Llama-2-7B rows.
 
-    python -m analysis.protocol_comparison [--model smollm2-135m] [--budget small|paper]
+    python -m analysis.tables1_2_baselines [--model smollm2-135m] [--budget small]
         [--seeds 0] [--out analysis_out/protocol_comparison]
 
-``small`` (CPU, about 30 minutes for SmolLM2 on 2 cores): K = 3% of heads as in Table 1,
-epochs (1, 2), at most 100 training examples, 100 test examples per task (50 questions per
-TruthfulQA fold). ``paper``: all data, 5 + 5 epochs (meant for a GPU). Every run is cached
-under ``--out`` (an interrupted run resumes); the combined table goes to ``table.md``.
+K = 3% of heads as in Table 1. ``--budget`` takes any budget of ``lofit_lens.budgets``:
+``small`` (the default; CPU, about 30 minutes for SmolLM2 on 2 cores): epochs (1, 2), at
+most 100 training examples, 100 test examples per task (50 questions per TruthfulQA fold).
+``paper``: all data, 5 + 5 epochs, Table 6's lambda and learning rates (meant for a GPU).
+Every run is cached under ``--out`` (an interrupted run resumes); the combined table goes to
+``table.md``.
 """
 
 from __future__ import annotations
@@ -15,38 +17,36 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pandas as pd
 
 import lofit_lens as ll
 from analysis.common import default_paper_numbers, paper_numbers
+from lofit_lens.backends.hooked import model_dims
 from lofit_lens.baselines.compare import compare
+from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 
 METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
 PAPER_ROWS = {"zero_shot": "0-shot", "iti": "ITI", "lofit": "LoFiT"}
 PAPER_TABLE2 = {"random": "Random", "iti_heads": "ITI-heads", "lofit": "LoFiT"}
 TASKS = {"truthfulqa": ("mc1", "mc2"), "mquake": ("exact_match",), "clutrr": ("exact_match",)}
-BUDGETS = {
-    "small": dict(k=0.03, epochs=(1, 2), max_train_examples=100,
-                  eval={"truthfulqa": 50, "mquake": 100, "clutrr": 100}),
-    "paper": dict(k=0.03, epochs=(5, 5), max_train_examples=None,
-                  eval={"truthfulqa": None, "mquake": None, "clutrr": None}),
-}
+K = 0.03
+"""Table 1's K: 3% of the heads."""
+DEFAULT_BUDGET = "small"
 
 
 def run(model_name: str, budget: str, seeds: list[int], out: Path,
         tasks: Sequence[str] = tuple(TASKS)) -> tuple[pd.DataFrame, str]:
     """Every method on every task; writes and returns the table (long form) and table.md."""
     model = ll.load_model(model_name)
-    settings = BUDGETS[budget]
+    total_heads = model_dims(model).total_heads
     rows = []
     for task in tasks:
         metrics = TASKS[task]
         start = time.perf_counter()
-        frame = compare(model, task, methods=METHODS, seeds=seeds, k=settings["k"],
-                        epochs=settings["epochs"], max_train_examples=settings["max_train_examples"],
-                        max_eval_examples=settings["eval"][task], out=out / task)
+        frame = compare(model, task, methods=METHODS, seeds=seeds, k=K, out=out / task,
+                        **budget_settings(budget, task, K, total_heads))
         seconds = time.perf_counter() - start
         for _, row in frame.iterrows():
             for metric in metrics:
@@ -105,14 +105,19 @@ def markdown(table: pd.DataFrame, model_name: str, budget: str, seeds: list[int]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    parser.add_argument("--budget", choices=list(BUDGETS), default=DEFAULT_BUDGET,
+                        help=f"lofit_lens.budgets (default {DEFAULT_BUDGET}): " + budget_help())
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="analysis_out/protocol_comparison")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table, text = run(args.model, args.budget, args.seeds, out, args.tasks)

@@ -121,7 +121,8 @@ def cmd_run(args) -> int:
     from lofit_lens.backends.hooked import model_dims
 
     cfg = run_config(args)  # bad settings stop here, before any loading
-    out = Path(args.out or f"runs/{Path(args.task).stem}-{args.model.replace('/', '_')}-s{cfg.seed}")
+    model_tag = args.model.replace("/", "_")
+    out = Path(args.out or f"runs/{Path(args.task).stem}-{model_tag}-s{cfg.seed}")
     task = _checked_task(args, cfg)
     start = time.perf_counter()
     model = _checked_model(args)
