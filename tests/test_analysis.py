@@ -107,7 +107,7 @@ def test_paper_figure6_emd_from_figure3_counts():
         expected = np.array(fig6[model])[:3, :3]
         off = ~np.eye(3, dtype=bool)
         assert np.abs(rep.emd_layers.to_numpy()[off] - expected[off]).max() <= 0.006, model
-    # The example LOFIT.md quotes: Llama-2-7B TruthfulQA vs MQuAKE
+    # The paper's Fig. 6 EMD for Llama-2-7B TruthfulQA vs MQuAKE
     llama = fig3["Llama-2-7B"]
     rep = head_overlap([from_counts(llama[t]["heads_per_layer"], 32, 32, task=t)
                         for t in ("TruthfulQA", "MQuAKE")])

@@ -94,7 +94,7 @@ TrainingExample = Union[SFTExample, PreferenceExample]
 
 @dataclass(frozen=True)
 class TaskHyperparams:
-    """Per-task LoFiT defaults (LOFIT.md Table 6), overridable in ``LoFiTConfig``."""
+    """Per-task LoFiT defaults (Table 6 in docs/protocol.md), overridable in ``LoFiTConfig``."""
 
     l1_lambda: float
     lr_select: float

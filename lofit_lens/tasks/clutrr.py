@@ -1,6 +1,6 @@
 """CLUTRR task_1.2 (2-hop kinship reasoning): greedy generation, SFT, exact match.
 
-Protocol (LOFIT.md): the story with its "[" "]" name markers removed, a question "how is
+Protocol (docs/protocol.md): the story with its "[" "]" name markers removed, a question "how is
 {c2} related to {c1}?" and the answer slot ``{c2} is {c1} 's`` followed by a newline; the
 model must generate the relation (``target_text``, e.g. ``daughter-in-law``). Validation and
 test use all 450 rows; training uses a 300-row sample (``train_sample_size``).

@@ -1,6 +1,6 @@
 """MQuAKE-CF 2-hop with in-context editing: greedy generation, SFT, exact match.
 
-Prompt (LOFIT.md): ``Q: Imagine that {edited}. {question} A:`` where ``edited`` is the
+Prompt (docs/protocol.md): ``Q: Imagine that {edited}. {question} A:`` where ``edited`` is the
 requested rewrite's cloze filled with its subject plus the new object, and ``question`` is
 the first of the three multi-hop questions. Gold: ``new_answer``, also ``new_answer_alias``.
 

@@ -7,7 +7,7 @@ summed log-prob of ``" " + choice`` after ``ChoiceExample.prompt``: the instruct
 sentence, a blank line, TruthfulQA's six-example QA primer (``preset_map['qa']``), a blank
 line and ``Q: {question}\\nA:``.
 
-Training uses a different, short prompt (LOFIT.md "Losses"): ``Q: {question} A:``; DPO with
+Training uses a different, short prompt (docs/protocol.md, "Losses"): ``Q: {question} A:``; DPO with
 chosen = ``Best Answer`` and rejected = the first ``Incorrect Answers`` entry (split on
 "; "), or SFT on ``Best Answer`` when ``loss="sft"``.
 
