@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lofit_lens.api import lofit  # noqa: E402
 from lofit_lens.baselines.compare import compare, load_intervention  # noqa: E402
+from lofit_lens.budgets import BUDGETS, budget_settings  # noqa: E402
 from lofit_lens.config import LoFiTConfig  # noqa: E402
 from lofit_lens.doctor import DoctorReport, doctor  # noqa: E402
 from lofit_lens.errors import (  # noqa: E402
@@ -23,10 +24,12 @@ from lofit_lens.errors import (  # noqa: E402
 from lofit_lens.history import RunHistory, RunTimings, TrainingHistory  # noqa: E402
 from lofit_lens.eval.evaluate import evaluate  # noqa: E402
 from lofit_lens.eval.generation import greedy_generate as generate  # noqa: E402
+from lofit_lens.analysis.cells import head_selection, random_selection  # noqa: E402
 from lofit_lens.analysis.granularity import granularity_table, layer_distribution, layer_summary  # noqa: E402
 from lofit_lens.intervention import HeadIntervention, Intervention  # noqa: E402
 from lofit_lens.analysis.logit_lens import bias_logit_lens  # noqa: E402
 from lofit_lens.backends.hf import EMBEDDED_MODELS, load_hf  # noqa: E402
+from lofit_lens.backends.hooked import ModelDims, model_dims, model_id  # noqa: E402
 from lofit_lens.backends.models import load_model  # noqa: E402
 from lofit_lens.analysis.overlap import head_overlap, paper_style_matrix  # noqa: E402
 from lofit_lens.analysis.plotting import (  # noqa: E402
@@ -49,4 +52,6 @@ __all__ = [
     "compare", "doctor", "generate", "load_intervention", "Intervention", "TrainingHistory",
     "RunHistory", "RunTimings", "ArtifactError", "ConfigError", "OutputLockedError",
     "PromptTooLongError", "ResultExistsError", "TrainingDivergedError", "UnsupportedModelError",
+    "head_selection", "random_selection", "ModelDims", "model_dims", "model_id", "BUDGETS",
+    "budget_settings",
 ]

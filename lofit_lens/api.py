@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.checkpoint import PhaseCheckpoint, run_phase
-from lofit_lens.config import LoFiTConfig
+from lofit_lens.config import LoFiTConfig, parse_epochs
 from lofit_lens.eval.evaluate import split_metrics
 from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
 from lofit_lens.intervention import top_heads
@@ -55,7 +55,7 @@ def lofit(
         if value is not None:
             overrides[name] = tuple(value) if name == "eval_splits" else value
     if epochs is not None:
-        select, bias = (epochs, epochs) if isinstance(epochs, int) else epochs
+        select, bias = parse_epochs(epochs)
         overrides.update(epochs_select=select, epochs_bias=bias)
     task_obj, cfg = resolve_run(task, config, overrides)
     dims = model_dims(model)

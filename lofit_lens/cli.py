@@ -1,4 +1,4 @@
-"""``lofit-lens`` on the command line: ``run`` (the main job), ``compare`` and ``doctor``."""
+"""``lofit-lens`` on the command line: ``run`` (the main job), ``compare``, ``export`` and ``doctor``."""
 
 from __future__ import annotations
 
@@ -114,33 +114,52 @@ def cmd_doctor(args) -> int:
     return 0 if report.ok else 1
 
 
+ATTACHMENTS = ("metrics.json", "heads.html", "heads.png")
+"""Files ``run`` writes beside the result; they are removed with it when it is replaced."""
+
+
 def cmd_run(args) -> int:
     import lofit_lens as ll
     from lofit_lens.analysis.plotting import plot_heads, save_figure
-
     from lofit_lens.backends.hooked import model_dims
+    from lofit_lens.result import check_destination, run_identity
+    from lofit_lens.store import folder_lock, write_text
+    from lofit_lens.training import resolve_run
 
     cfg = run_config(args)  # bad settings stop here, before any loading
     model_tag = args.model.replace("/", "_")
     out = Path(args.out or f"runs/{Path(args.task).stem}-{model_tag}-s{cfg.seed}")
-    task = _checked_task(args, cfg)
-    start = time.perf_counter()
-    model = _checked_model(args)
-    load_seconds = time.perf_counter() - start
-    cfg = run_config(args, model_dims(model).total_heads)
-    result = ll.lofit(model, task, config=cfg, progress=not args.quiet,
-                      checkpoint=out / "checkpoint")
-    result.timings.load_model = load_seconds
-    result.timings.total = time.perf_counter() - start
-    result.save(out)
-    metrics = run_metrics(result)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    try:
-        figure_paths = save_figure(plot_heads(result), out / "heads")
-    except RuntimeError as err:  # no browser for PNG: the HTML is written, results are safe
-        print(f"lofit-lens: warning: {err}", file=sys.stderr)
-        figure_paths = [out / "heads.html"]
+    task = _checked_task(args, cfg)  # bad data stops here, before any folder is made
+    with folder_lock(out):  # a second run on the same folder stops here (OutputLockedError)
+        _, planned = resolve_run(task, cfg, {})  # the config lofit() will record
+        check_destination(out, run_identity(args.model, planned), args.overwrite)
+        start = time.perf_counter()
+        model = _checked_model(args)
+        load_seconds = time.perf_counter() - start
+        cfg = run_config(args, model_dims(model).total_heads)
+        result = ll.lofit(model, task, config=cfg, progress=not args.quiet,
+                          checkpoint=out / "checkpoint")
+        result.timings.load_model = load_seconds
+        result.timings.total = time.perf_counter() - start
+        result.save(out, overwrite=args.overwrite, attachments=ATTACHMENTS)
+        metrics = run_metrics(result)
+        write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        try:
+            figure_paths = save_figure(plot_heads(result), out / "heads")
+        except RuntimeError as err:  # no browser for PNG: the HTML is written, results are safe
+            print(f"lofit-lens: warning: {err}", file=sys.stderr)
+            figure_paths = [out / "heads.html"]
     print(format_run(result, metrics, out, figure_paths))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lofit_lens.result import LoFiTResult
+
+    result = LoFiTResult.load(args.run_dir)
+    folder = result.export(args.model or result.model_id, args.out, source=args.run_dir)
+    print(f"lofit-lens: exported {result.model_id} with v on {result.k} heads to {folder} "
+          "(loads with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -200,7 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="zero-shot eval, head selection, bias tuning, eval")
     _add_run_args(run, RUN_SETTINGS)
     run.add_argument("--out", help="output folder (default runs/<task>-<model>-s<seed>)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a different result already in --out (default: refuse)")
     run.set_defaults(func=cmd_run)
+    exp = sub.add_parser("export", help="write a run as a plain Hugging Face model folder")
+    exp.add_argument("run_dir", help="a folder written by `lofit-lens run`")
+    exp.add_argument("--out", required=True, help="the HF model folder to write")
+    exp.add_argument("--model", help="base model (name or HF folder; default: the run's model)")
+    exp.set_defaults(func=cmd_export)
     comp = sub.add_parser("compare", help="baselines and LoFiT in one table")
     _add_run_args(comp, COMPARE_SETTINGS)
     comp.add_argument("--methods", nargs="+", default=["zero_shot", "iti", "random", "iti_heads", "lofit"])

@@ -6,7 +6,11 @@ Measures, on real task batches (batch 8, the task's own prompts):
 - step 1 (A on all heads + L1) and step 2 (v on 10% of heads) forward+backward+AdamW time;
 - teacher-forced validation forward time per batch;
 - greedy generation throughput (examples/s, batch 16, KV cache, intervention attached);
-- peak resident memory of the process.
+- peak resident memory of the process;
+- with ``--export``: per-token greedy decoding time of an exported LoFiT model (v folded into
+  the o_proj biases) over the base HF model.
+Training and validation times are also printed as ratios to a plain no-grad forward of the
+same batch, measured in the same run.
 Medians over ``--repeats`` after one warm-up. Prints a table and writes JSON with the machine.
 
 With ``--result DIR`` (a saved run of the same model and a generation task, e.g. the main
@@ -125,6 +129,34 @@ def mc_questions_per_second(model, n: int) -> dict:
             "mc_questions_per_second": round(n / (time.perf_counter() - start), 2)}
 
 
+def export_overhead(model, name: str, heads, repeats: int, new_tokens: int = 32) -> dict:
+    """Per-token greedy decoding time of the exported LoFiT model over the base HF model
+    (same prompt, ``new_tokens`` forced, runs alternated; medians)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    from lofit_lens.backends.hf import load_hf
+    from lofit_lens.export import export_intervention
+
+    module = HeadIntervention(model_dims(model), use_scale=False).set_heads(heads).init_normal(1e-2)
+    base, tok = load_hf(name, device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        exported = AutoModelForCausalLM.from_pretrained(export_intervention(module, model, folder)).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    times: dict[str, list[float]] = {"base": [], "exported": []}
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            for label, m in (("base", base), ("exported", exported)):
+                start = time.perf_counter()
+                m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                times[label].append((time.perf_counter() - start) / new_tokens)
+    base_s, exp_s = (statistics.median(times[k][1:]) for k in ("base", "exported"))
+    return {"export_base_seconds_per_token": round(base_s, 4),
+            "export_exported_seconds_per_token": round(exp_s, 4),
+            "export_vs_base": round(exp_s / base_s, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -135,6 +167,8 @@ def main() -> None:
     parser.add_argument("--result", help="a saved run to compare evaluation with the reference loop")
     parser.add_argument("--reference-examples", type=int, default=200)
     parser.add_argument("--mc-questions", type=int, default=48)
+    parser.add_argument("--export", action="store_true",
+                        help="also time greedy decoding of an exported LoFiT model vs the base model")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -154,20 +188,29 @@ def main() -> None:
         with torch.no_grad(), tune.attach(model):
             objective.loss(model, rows)
 
+    def forward():  # the reference every training figure is a ratio of
+        with torch.no_grad():
+            objective.loss(model, rows)
+
     examples = task.eval_examples("test", args.eval_examples)
     gen_seconds = _median_seconds(lambda: ll.evaluate(model, task, examples, tune, progress=False),
                                   max(1, args.repeats // 2))
+    forward_s = _median_seconds(forward, args.repeats)
+    timed = {"step1_select": _median_seconds(_train_step(model, objective, select, 1e-3), args.repeats),
+             "step2_bias": _median_seconds(_train_step(model, objective, tune, 0.0), args.repeats),
+             "validation_batch": _median_seconds(validate, args.repeats)}
     results = {
         "model": args.model, "task": args.task, "batch_size": len(rows),
         "tokens_per_batch": int(sum(len(p) + len(c) for p, c in getattr(objective, "pairs", []))),
         "load_model_seconds": round(load_seconds, 2),
-        "step1_select_seconds": round(_median_seconds(_train_step(model, objective, select, 1e-3), args.repeats), 3),
-        "step2_bias_seconds": round(_median_seconds(_train_step(model, objective, tune, 0.0), args.repeats), 3),
-        "validation_batch_seconds": round(_median_seconds(validate, args.repeats), 3),
+        "forward_seconds": round(forward_s, 3),
+        **{f"{k}_seconds": round(v, 3) for k, v in timed.items()},
+        **{f"{k}_vs_forward": round(v / forward_s, 2) for k, v in timed.items()},
         "eval_examples_per_second": round(len(examples) / gen_seconds, 2),
         **(eval_vs_reference(model, args.model, args.result, args.reference_examples)
            if args.result else {}),
         **mc_questions_per_second(model, args.mc_questions),
+        **(export_overhead(model, args.model, heads, args.repeats) if args.export else {}),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine(),

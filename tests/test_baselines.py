@@ -132,6 +132,26 @@ def test_every_saved_intervention_reloads_and_scores_the_same(tiny_model, task_f
     assert kinds["lofit"] == kinds["red"] == "head"
 
 
+def test_a_selector_registered_by_user_code_is_a_method(tiny_model, task_files, monkeypatch):
+    """docs/architecture.md's worked example: one function under @register_selector."""
+    from lofit_lens.baselines.selectors import SELECTORS, register_selector
+
+    monkeypatch.setattr("lofit_lens.baselines.selectors.registry.SELECTORS", dict(SELECTORS))
+    from lofit_lens.baselines.selectors import registry
+
+    @register_selector("last_layers")
+    def last_layers(ctx):
+        dims = ctx.dims
+        heads = [(layer, h) for layer in reversed(range(dims.n_layers)) for h in range(dims.n_heads)]
+        return sorted(heads[:ctx.k])
+
+    monkeypatch.setattr("lofit_lens.baselines.methods.SELECTORS", registry.SELECTORS)
+    frame = compare(tiny_model, str(task_files["generation"]), methods=["last_layers"],
+                    extra={"max_new_tokens": 3}, **TINY)
+    assert list(frame["method"]) == ["last_layers"]
+    assert int(frame["params"].iloc[0]) == 2 * model_dims(tiny_model).d_head
+
+
 def test_unknown_method_lists_the_known_ones(tiny_model, task_files):
     with pytest.raises(ValueError, match="known methods: zero_shot, iti, lofit"):
         compare(tiny_model, str(task_files["generation"]), methods=["lofit", "repe"], **TINY)

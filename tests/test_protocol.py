@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lofit_lens as ll
+from lofit_lens.eval.mc_scoring import mc_metrics
 from lofit_lens.baselines.iti import (
     Probes, end_q_statements, fit_probes, honest_llama_answer_offset, iti_intervention,
 )
@@ -118,7 +119,7 @@ def test_truthfulqa_official_choices_are_honest_llamas_lists():
     assert ex.choices == ("Sure.", "Yes.", "Unknown.", "No.", "Unknown.")
     assert ex.correct == (1, 0, 2)  # the best answer first, found among the correct ones
     scores = torch.tensor([0.0, 1.0, 2.0, -1.0, 2.0])
-    m = ll.evaluation.mc_metrics(scores, ex.correct)
+    m = mc_metrics(scores, ex.correct)
     assert m["mc1"] == 0.0  # best (1.0) does not beat the duplicated "Unknown." (2.0)
     assert m["mc3"] == 0.0  # strict ">": the true "Unknown." ties the false one
     clean = truthfulqa_example(row, keep_duplicates=False)
@@ -218,11 +219,11 @@ def test_gradient_clipping_follows_the_protocol(tiny_model, tiny_task_file):
     iv = HeadIntervention.for_model(tiny_model, use_bias=False).set_heads(None).init_normal(1e-3)
     clipped = train_intervention(tiny_model, iv, data.train, None, epochs=1, lr=1e-3, l1_lambda=1e-3,
                                  batch_size=4, seed=0, max_grad_norm=cfg.max_grad_norm, progress=False)
-    assert clipped["clipped_steps"] == 2
+    assert clipped.clipped_steps == 2
     iv.init_normal(1e-3)
     free = train_intervention(tiny_model, iv, data.train, None, epochs=1, lr=1e-3, l1_lambda=1e-3,
                               batch_size=4, seed=0, max_grad_norm=0.0, progress=False)
-    assert free["clipped_steps"] == 0
+    assert free.clipped_steps == 0
 
 
 def test_a_task_object_brings_its_protocol(tmp_path, tiny_task_file):

@@ -44,7 +44,7 @@ def test_run_clutrr_gives_the_same_config_as_before():
     assert resolve_run(task, cfg, {})[1] == resolve_run(task, None, OLD_RUN_OVERRIDES)[1]
 
 
-def test_cmd_run_hands_lofit_that_config(monkeypatch):
+def test_cmd_run_hands_lofit_that_config(monkeypatch, tmp_path):
     """Through ``main``: the config ``lofit`` receives, before any model or data work."""
     import lofit_lens
     from lofit_lens import cli
@@ -60,8 +60,9 @@ def test_cmd_run_hands_lofit_that_config(monkeypatch):
     monkeypatch.setattr("lofit_lens.backends.hooked.model_dims",
                         lambda model: SimpleNamespace(total_heads=270))
     monkeypatch.setattr(lofit_lens, "lofit", fake_lofit)
+    monkeypatch.setattr("lofit_lens.training.resolve_run", lambda task, cfg, overrides: (task, cfg))
     with pytest.raises(Stop):
-        cli.main(["run", "--task", "clutrr", "--quiet"])
+        cli.main(["run", "--task", "clutrr", "--quiet", "--out", str(tmp_path)])
     assert seen["config"] == LoFiTConfig(task="clutrr", **OLD_RUN_OVERRIDES)
     assert seen["task"] == "the-task" and seen["progress"] is False
 

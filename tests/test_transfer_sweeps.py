@@ -338,3 +338,14 @@ def test_protocol_comparison_table_beside_the_paper():
     row = next(line for line in text.splitlines() if line.startswith("| lofit |"))
     assert "| 1728 |" in row and "27.5" in row and "89.7" in row
     assert "clutrr 1.0 min" in text
+
+
+def test_public_head_selection_is_cached_and_matches_the_lower_api(tiny_model, tasks, tmp_path, calls):
+    import lofit_lens as ll
+
+    first = ll.head_selection(tiny_model, tasks[0], k=2, seed=0, cache_dir=tmp_path, progress=False, **BUDGET)
+    again = ll.head_selection(tiny_model, tasks[0], k=2, seed=0, cache_dir=tmp_path, progress=False, **BUDGET)
+    assert calls["select"] == 1 and first.selected_heads == again.selected_heads and first.k == 2
+    assert torch.equal(first.head_scores, again.head_scores) and not first.bias.any()
+    rand = ll.random_selection(tiny_model, 2, seed=0)
+    assert rand.selected_heads == random_heads(model_dims(tiny_model), 2, 0)

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from lofit_lens.hooked import hf_tokenizer
+from lofit_lens.backends.hooked import hf_tokenizer
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.losses import dpo_loss
-from lofit_lens.mc_scoring import choice_scores, mc_metrics
+from lofit_lens.eval.mc_scoring import choice_scores, mc_metrics
 from lofit_lens.objectives import DPOObjective
 from lofit_lens.tasks.base import ChoiceExample, PreferenceExample
 
@@ -146,7 +146,7 @@ def test_compare_truthfulqa_reports_both_folds_and_their_mean(tiny_model, tmp_pa
     frame = compare(tiny_model, "truthfulqa", methods=["zero_shot", "iti"], seeds=[0], k=2,
                     max_eval_examples=2, extra={"data_dir": str(tmp_path / "data")},
                     out=tmp_path / "out", progress=False)
-    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").glob("*.json"))  # cards (+ tensors)
     assert runs == ["iti-fold0-seed0.json", "iti-fold1-seed0.json",
                     "zero_shot-fold0-seed0.json", "zero_shot-fold1-seed0.json"]
     for m in ("mc1", "mc2", "mc3"):

@@ -17,13 +17,13 @@ Cells written by lofit-lens 0.1.0 (one JSON file, v as lists) are still read.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.backends.hooked import ModelDims, model_id
+from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.eval.evaluate import evaluate
@@ -37,7 +37,9 @@ from lofit_lens.store import (
     artifact_exists, load_artifact, read_json, save_artifact, settings_key, slug,
 )
 from lofit_lens.tasks.base import Task
-from lofit_lens.training import HeadSelection, TrainingSet, select_heads, tune_biases
+from lofit_lens.training import (
+    HeadSelection, TaskLike, TrainingSet, resolve_run, select_heads, tune_biases,
+)
 
 Record = dict[str, Any]
 
@@ -106,6 +108,22 @@ def random_result(dims: ModelDims, k: int, seed: int, model_name: str,
     return LoFiTResult(config=LoFiTConfig(task=label, seed=seed, k=k), model_id=model_name,
                        head_scores=zeros[..., 0].clone(), scale=zeros, bias=zeros.clone(),
                        selected_heads=random_heads(dims, k, seed))
+
+
+def head_selection(model, task: TaskLike, k: Union[int, float], seed: int = 0, *,
+                   cache_dir: str | Path, progress: bool = True, **overrides) -> LoFiTResult:
+    """Step 1 alone (cached under ``cache_dir``): a ``LoFiTResult`` with the top-``k`` heads
+    of ``task`` for ``seed`` and no offsets, for the head-set analyses (overlap, granularity).
+    ``overrides``: ``LoFiTConfig`` fields, as in ``lofit``."""
+    task_obj, cfg = resolve_run(task, None, {**overrides, "k": k, "seed": seed})
+    selection = cached_selection(model, task_obj, cfg, cache_dir, progress=progress)
+    return selection_result(selection, cfg, model_id(model), cfg.num_heads(model_dims(model).total_heads))
+
+
+def random_selection(model, k: int, seed: int = 0, label: str = "random") -> LoFiTResult:
+    """``k`` heads of ``model`` drawn at random (seeded), as a ``LoFiTResult`` like
+    ``head_selection``'s: the baseline of the overlap analyses."""
+    return random_result(model_dims(model), k, seed, model_id(model), label)
 
 
 # ---------------------------------------------------------------------- evaluated cells

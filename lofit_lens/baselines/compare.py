@@ -19,12 +19,9 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from lofit_lens.baselines.methods import (
-    SEED_INDEPENDENT,
-    BaselineOptions,
-    RunContext,
-    get_method,
-)
+from lofit_lens.config import parse_epochs
+from lofit_lens.baselines.base import BaselineOptions, RunContext
+from lofit_lens.baselines.methods import SEED_INDEPENDENT, get_method
 from lofit_lens.eval.evaluate import split_metrics
 from lofit_lens.backends.hooked import model_id
 from lofit_lens.intervention import Intervention, rebuild_intervention
@@ -71,7 +68,7 @@ def compare(
     settings: dict[str, Any] = {"k": k, "max_train_examples": max_train_examples,
                                 "max_eval_examples": max_eval_examples, **overrides}
     if epochs is not None:
-        select, bias = (epochs, epochs) if isinstance(epochs, int) else epochs
+        select, bias = parse_epochs(epochs)
         settings.update(epochs_select=select, epochs_bias=bias)
     out = Path(out) if out is not None else None
     cells: list[Cell] = []

@@ -263,7 +263,7 @@ def _check_split_sizes(files: dict[Optional[str], Path], rows: list[dict[str, An
         return
     where = ", ".join(map(str, files.values()))
     if split_by.startswith("seeded"):
-        fix = (f"a file without a 'split' field is split 80/10/10 with n // 10 rows each for "
+        fix = ("a file without a 'split' field is split 80/10/10 with n // 10 rows each for "
                "val and test, so it needs at least 10 rows; add rows, give each row a 'split' "
                "(train/val/test), or pass separate files {'train': ..., 'test': ...}")
     elif split_by == "files":

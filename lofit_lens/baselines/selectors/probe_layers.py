@@ -1,4 +1,4 @@
-"""Head selectors for bias tuning (LoFiT Table 2) that need no training of their own."""
+"""Probe layers: whole layers ranked by their heads' mean ITI probe accuracy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.backends.hooked import ModelDims
+from lofit_lens.baselines.selectors.registry import register_selector
 from lofit_lens.intervention import Head
 
 
@@ -24,7 +24,6 @@ def probe_layer_heads(accuracy: Float[Tensor, "layer head"], k: int) -> list[Hea
     return heads
 
 
-def random_heads(dims: ModelDims, k: int, seed: int) -> list[Head]:
-    """``k`` heads drawn uniformly without replacement (seeded), sorted by (layer, head)."""
-    order = torch.randperm(dims.total_heads, generator=torch.Generator().manual_seed(seed))
-    return sorted((int(i) // dims.n_heads, int(i) % dims.n_heads) for i in order[:k])
+@register_selector("probe_layers", uses_probes=True)
+def probe_layers(ctx) -> list[Head]:
+    return probe_layer_heads(ctx.probes().accuracy, ctx.k)
