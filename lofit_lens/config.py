@@ -70,6 +70,11 @@ def _setting(default: Any = dataclasses.MISSING, help: str = "", *, minimum: Any
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+NON_RESULT_FIELDS = ("eval_batch_size", "prefix_cache_mb")
+"""``LoFiTConfig`` fields that change speed or memory, not results: left out of cache keys
+and of what makes two saved results "the same run"."""
+
+
 @dataclass
 class LoFiTConfig:
     """Settings of a two-step LoFiT run. ``None`` learning rates / lambda take the task's
@@ -110,6 +115,10 @@ class LoFiTConfig:
         zero_is_none=True)
     eval_splits: tuple[str, ...] = _setting(("test",), "splits evaluated", cli=False)
     eval_batch_size: int = _setting(16, "evaluation batch size", minimum=1)
+    prefix_cache_mb: float = _setting(
+        1024.0, "memory (MB) for the frozen-prefix cache of a step whose heads all lie at or "
+                "above a layer l0 > 0 (blocks below l0 then run once per row; above the budget "
+                "the cache goes to disk; 0 turns it off)", minimum=0)
     extra: dict[str, Any] = _setting(
         help="free-form task options (e.g. {'fold': 1} for TruthfulQA, data_dir)", cli=False,
         default_factory=dict)

@@ -21,6 +21,8 @@ class TrainingHistory:
     n_train: int = 0
     trainable_parameters: int = 0
     """Parameters that actually train (active heads x d_head per trainable tensor)."""
+    frozen_prefix_layer: int = 0
+    """Blocks below this layer ran once per row (frozen-prefix cache); 0: every step ran them."""
     cached: bool = False
     """Read back from a cache rather than trained in this process."""
 

@@ -45,6 +45,10 @@ class Intervention(Protocol):
     def attach(self, model) -> ContextManager[Any]:
         """Apply to ``model`` inside a ``with`` body; hooks removed after, also on error."""
 
+    def first_layer(self) -> int:
+        """The lowest layer it edits (0 if it may edit the embeddings' output): the frozen
+        prefix below it is computed once per training row (``lofit_lens.prefix``)."""
+
     def spec(self) -> dict[str, Any]:
         """JSON-able constructor settings; with ``state_tensors`` it rebuilds the object."""
 
@@ -156,6 +160,10 @@ class HeadIntervention(nn.Module):
     @property
     def active_layers(self) -> list[int]:
         return [int(l) for l in self.head_mask.any(dim=1).nonzero().flatten().tolist()]
+
+    def first_layer(self) -> int:
+        """The lowest layer it edits: the residual stream entering it is the model's own."""
+        return min(self.active_layers, default=0)
 
     def num_trainable_parameters(self) -> int:
         """Parameters that actually train: active heads x d_head per trainable tensor."""

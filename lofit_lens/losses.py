@@ -6,33 +6,38 @@ logits at every position would dominate memory).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.batching import TokenBatch
-from lofit_lens.backends.hooked import logits_at
+from lofit_lens.backends.hooked import Prefix, logits_at
 
 
-def target_logprobs(model, batch: TokenBatch) -> tuple[Float[Tensor, " n"], Tensor]:
-    """Log-prob of every continuation token and the row each belongs to."""
+def target_logprobs(model, batch: TokenBatch,
+                    prefix: Optional[Prefix] = None) -> tuple[Float[Tensor, " n"], Tensor]:
+    """Log-prob of every continuation token and the row each belongs to (``prefix``: the
+    batch's frozen prefix, see ``lofit_lens.prefix``)."""
     rows, pred_pos, target_ids = batch.target_positions()
-    logits = logits_at(model, batch.tokens, batch.attention_mask, (rows, pred_pos))  # [n, vocab]
+    logits = logits_at(model, batch.tokens, batch.attention_mask, (rows, pred_pos), prefix)  # [n, vocab]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(-1, target_ids[:, None]).squeeze(-1), rows
 
 
-def sequence_logprobs(model, batch: TokenBatch) -> Float[Tensor, " batch"]:
+def sequence_logprobs(model, batch: TokenBatch,
+                      prefix: Optional[Prefix] = None) -> Float[Tensor, " batch"]:
     """Sum of continuation-token log-probs per row (the TruthfulQA MC score)."""
-    token_lp, rows = target_logprobs(model, batch)
+    token_lp, rows = target_logprobs(model, batch, prefix)
     out = torch.zeros(batch.tokens.shape[0], dtype=token_lp.dtype, device=token_lp.device)
     return out.index_add(0, rows, token_lp)
 
 
-def sft_loss(model, batch: TokenBatch) -> Float[Tensor, ""]:
+def sft_loss(model, batch: TokenBatch, prefix: Optional[Prefix] = None) -> Float[Tensor, ""]:
     """Mean cross-entropy over the batch's continuation tokens."""
-    token_lp, _ = target_logprobs(model, batch)
+    token_lp, _ = target_logprobs(model, batch, prefix)
     return -token_lp.mean()
 
 

@@ -12,15 +12,18 @@ cuts such prompts instead; see ``lofit_lens.batching``).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.batching import Pair, check_fits, collate, context_length, encode_pair, pad_id
-from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device
+from lofit_lens.batching import (
+    Pair, TokenBatch, check_fits, collate, context_length, encode_pair, pad_id,
+)
+from lofit_lens.backends.hooked import Prefix, check_hooked_model, hf_tokenizer, model_device
 from lofit_lens.losses import dpo_loss, sequence_logprobs, sft_loss
+from lofit_lens.prefix import PrefixStore
 from lofit_lens.tasks.base import PreferenceExample, ProtocolName, SFTExample, TrainingExample
 
 
@@ -45,13 +48,22 @@ class SFTObjective:
         self.pairs = [encode_pair(tok, ex.prompt, ex.target, joint=joint, add_eos=True)
                       for ex in examples]
         check_fits(self.pairs, context_length(model), where, [ex.prompt for ex in examples])
+        self.prefix_store: Optional[PrefixStore] = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def prefix_pairs(self) -> list[Pair]:
+        """The rows a frozen-prefix store holds (``lofit_lens.prefix``)."""
+        return self.pairs
+
     def loss(self, model, indices: Sequence[int]) -> Float[Tensor, ""]:
         batch = collate([self.pairs[i] for i in indices], self.pad).to(self.device)
-        return sft_loss(model, batch)
+        return sft_loss(model, batch, _prefix(self.prefix_store, list(indices), batch, self.device))
+
+    def check_value(self, model, indices: Sequence[int]) -> Float[Tensor, "..."]:
+        """What the frozen-prefix check compares (the loss)."""
+        return self.loss(model, indices)
 
 
 class DPOObjective:
@@ -85,6 +97,7 @@ class DPOObjective:
         self.ref_batch_size = ref_batch_size
         self.reference_at_init = trl
         self.reference = torch.zeros(0, 2)  # [n, 2]: chosen, rejected
+        self.prefix_store: Optional[PrefixStore] = None
         if not self.reference_at_init:
             self.compute_reference(model)
 
@@ -98,15 +111,31 @@ class DPOObjective:
     def __len__(self) -> int:
         return len(self.chosen)
 
+    def prefix_pairs(self) -> list[Pair]:
+        """The rows a frozen-prefix store holds: chosen answers, then rejected ones."""
+        return self.chosen + self.rejected
+
     def _logprobs(self, model, indices: Sequence[int]) -> Float[Tensor, "batch 2"]:
+        indices = list(indices)
         pairs = [self.chosen[i] for i in indices] + [self.rejected[i] for i in indices]
-        scores = sequence_logprobs(model, collate(pairs, self.pad).to(self.device))
+        batch = collate(pairs, self.pad).to(self.device)
+        rows = indices + [len(self) + i for i in indices]
+        scores = sequence_logprobs(model, batch, _prefix(self.prefix_store, rows, batch, self.device))
         return torch.stack(scores.chunk(2), dim=-1).cpu()
+
+    def check_value(self, model, indices: Sequence[int]) -> Float[Tensor, "..."]:
+        """What the frozen-prefix check compares (the policy log-probs)."""
+        return self._logprobs(model, indices)
 
     def loss(self, model, indices: Sequence[int]) -> Float[Tensor, ""]:
         policy = self._logprobs(model, indices)
         ref = self.reference[list(indices)]
         return dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta)
+
+
+def _prefix(store: Optional[PrefixStore], rows: list[int], batch: TokenBatch,
+            device: torch.device) -> Optional[Prefix]:
+    return None if store is None else store.prefix(rows, batch.tokens.shape[1], device)
 
 
 def build_objective(model, examples: Sequence[TrainingExample], dpo_beta: float,

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
-from lofit_lens.config import LoFiTConfig
+from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig
 from lofit_lens.errors import ArtifactError, ResultExistsError
 from lofit_lens.export import export_intervention
 from lofit_lens.history import RunHistory, RunTimings
@@ -220,7 +220,8 @@ class LoFiTResult:
 
 def run_identity(model_name: str, config: LoFiTConfig, data_hash: str = "") -> dict[str, Any]:
     """Model, settings and (when known) training-data hash: equal for reruns of one run."""
-    identity = {"model_id": model_name, "config": config.to_dict()}
+    settings = {k: v for k, v in config.to_dict().items() if k not in NON_RESULT_FIELDS}
+    identity = {"model_id": model_name, "config": settings}
     return identity | ({"data_hash": data_hash} if data_hash else {})
 
 

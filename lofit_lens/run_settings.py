@@ -20,6 +20,7 @@ STEP2_FIELDS = ("seed", "lr_bias", "epochs_bias", "batch_size", "init_std", "wei
 EVAL_SPLIT = "test"
 
 
+
 def config_fields(cfg: LoFiTConfig, fields: Sequence[str]) -> dict[str, Any]:
     return {f: getattr(cfg, f) for f in fields}
 

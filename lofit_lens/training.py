@@ -24,6 +24,7 @@ from lofit_lens.history import TrainingHistory
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervention import Head, HeadIntervention, Intervention, top_heads
 from lofit_lens.objectives import Objective, build_objective
+from lofit_lens.prefix import first_edited_layer, frozen_prefix
 from lofit_lens.tasks import Task, get_task
 from lofit_lens.tasks.base import TrainingExample, hash_examples
 
@@ -152,6 +153,7 @@ def train_intervention(
     weight_decay: float = 0.0,
     adam_eps: float = 1e-8,
     max_grad_norm: float = 0.0,
+    prefix_budget_mb: float = 0.0,
     desc: str = "train",
     progress: bool = True,
 ) -> TrainingHistory:
@@ -160,7 +162,10 @@ def train_intervention(
     of loss and penalty together are clipped to ``max_grad_norm`` (total norm, as HF's
     Trainer does; 0: no clipping). Returns the loss history (per step, per epoch, validation
     per epoch) and how many steps were clipped; a diverging run raises
-    ``TrainingDivergedError`` (``check_divergence``)."""
+    ``TrainingDivergedError`` (``check_divergence``). ``prefix_budget_mb`` > 0: when the
+    intervention edits no layer below ``l0`` > 0, the residual entering ``l0`` is computed once
+    per row and every forward runs only the blocks from ``l0`` on (``lofit_lens.prefix``; this
+    much memory, then disk)."""
     params = intervention.trainable()
     optimizer = torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
@@ -171,7 +176,10 @@ def train_intervention(
     penalised = intervention.l1_parameters() if l1_lambda > 0 else []
 
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar, \
-            intervention.attach(model):
+            intervention.attach(model), \
+            frozen_prefix(model, [train, val], first_edited_layer(intervention), batch_size,
+                          prefix_budget_mb) as cached:
+        history.frozen_prefix_layer = first_edited_layer(intervention) if cached else 0
         if getattr(train, "reference_at_init", False):  # official DPO: TRL's reference
             intervention.eval()
             train.compute_reference(model)
@@ -255,7 +263,7 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
         model, intervention, train, val, epochs=cfg.epochs_select, lr=cfg.lr_select,
         l1_lambda=cfg.l1_lambda, batch_size=cfg.batch_size, seed=cfg.seed,
         weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm,
-        desc="step 1: select heads",
+        prefix_budget_mb=cfg.prefix_cache_mb, desc="step 1: select heads",
         progress=progress,
     )
     history.seconds, history.data_hash, history.n_train = time.perf_counter() - start, data_hash, len(train)
@@ -283,7 +291,7 @@ def tune_biases(model, task: TaskLike, heads: Optional[Sequence[Head]], *,
         model, intervention, train, val, epochs=cfg.epochs_bias, lr=cfg.lr_bias,
         l1_lambda=0.0, batch_size=cfg.batch_size, seed=cfg.seed + 1,
         weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm,
-        desc="step 2: tune biases",
+        prefix_budget_mb=cfg.prefix_cache_mb, desc="step 2: tune biases",
         progress=progress,
     )
     history.seconds, history.data_hash, history.n_train = time.perf_counter() - start, data_hash, len(train)

@@ -4,6 +4,8 @@
 
 Measures, on real task batches (batch 8, the task's own prompts):
 - step 1 (A on all heads + L1) and step 2 (v on 10% of heads) forward+backward+AdamW time;
+- step 2 on 10% of heads all in the last 30% of layers, without and with the frozen-prefix
+  cache (its one-off build timed apart);
 - teacher-forced validation forward time per batch;
 - greedy generation throughput (examples/s, batch 16, KV cache, intervention attached);
 - peak resident memory of the process;
@@ -39,6 +41,7 @@ import lofit_lens as ll
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.objectives import build_objective
+from lofit_lens.prefix import frozen_prefix
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.training import train_intervention
 from lofit_lens.versions import library_versions
@@ -129,7 +132,33 @@ def mc_questions_per_second(model, n: int) -> dict:
             "mc_questions_per_second": round(n / (time.perf_counter() - start), 2)}
 
 
-def export_overhead(model, name: str, heads, repeats: int, new_tokens: int = 32) -> dict:
+def late_heads_step(model, objective, rows, repeats: int) -> dict:
+    """Step 2 on heads all in the last 30% of layers, one optimiser step per call, without
+    and with the frozen-prefix cache (built once, timed apart)."""
+    dims = model_dims(model)
+    first = int(0.7 * dims.n_layers)
+    heads = [(layer, h) for layer in range(first, dims.n_layers) for h in range(dims.n_heads)]
+    heads = heads[::max(1, len(heads) // round(0.1 * dims.total_heads))][:round(0.1 * dims.total_heads)]
+    tune = HeadIntervention(dims, use_scale=False).set_heads(heads).init_normal(1e-3)
+    optimizer = torch.optim.AdamW(tune.trainable(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        objective.loss(model, rows).backward()
+        optimizer.step()
+
+    out = {"late_heads_layers": f"{tune.first_layer()}-{dims.n_layers - 1}"}
+    with tune.attach(model):
+        out["step2_late_heads"] = _median_seconds(step, repeats)
+        start = time.perf_counter()
+        with frozen_prefix(model, [objective], tune.first_layer(), len(rows), 1024.0) as cached:
+            out["prefix_build"] = time.perf_counter() - start
+            assert cached, "the frozen prefix was not used"
+            out["step2_late_heads_cached"] = _median_seconds(step, repeats)
+    return out
+
+
+def export_overhead(model, name: str, heads, repeats: int, new_tokens: int = 64) -> dict:
     """Per-token greedy decoding time of the exported LoFiT model over the base HF model
     (same prompt, ``new_tokens`` forced, runs alternated; medians)."""
     import tempfile
@@ -199,11 +228,15 @@ def main() -> None:
     timed = {"step1_select": _median_seconds(_train_step(model, objective, select, 1e-3), args.repeats),
              "step2_bias": _median_seconds(_train_step(model, objective, tune, 0.0), args.repeats),
              "validation_batch": _median_seconds(validate, args.repeats)}
+    late = late_heads_step(model, objective, rows, args.repeats)
+    late_layers = late.pop("late_heads_layers")
+    timed.update(late)
     results = {
         "model": args.model, "task": args.task, "batch_size": len(rows),
         "tokens_per_batch": int(sum(len(p) + len(c) for p, c in getattr(objective, "pairs", []))),
         "load_model_seconds": round(load_seconds, 2),
         "forward_seconds": round(forward_s, 3),
+        "late_heads_layers": late_layers,
         **{f"{k}_seconds": round(v, 3) for k, v in timed.items()},
         **{f"{k}_vs_forward": round(v / forward_s, 2) for k, v in timed.items()},
         "eval_examples_per_second": round(len(examples) / gen_seconds, 2),

@@ -318,3 +318,15 @@ def test_dpo_reference_is_computed_once_per_run(tiny_model, task_files, monkeypa
     ll.lofit(tiny_model, str(task_files["multiple_choice"]), k=2, epochs=1, max_train_examples=6,
              max_val_examples=4, eval_splits=(), extra={"loss": "dpo"}, progress=False)
     assert len(built) == 2  # train + val, shared by both steps
+
+
+def test_saved_runs_resume_across_config_fields_that_do_not_change_results():
+    from lofit_lens.baselines.compare import same_settings
+    from lofit_lens.config import LoFiTConfig
+
+    now = {"model": "m", "config": LoFiTConfig(k=2).to_dict(), "options": {"iti_alpha": 15.0}}
+    older = {**now, "config": {k: v for k, v in now["config"].items() if k != "prefix_cache_mb"}}
+    assert same_settings(older, now)  # written before the field existed
+    faster = {**now, "config": {**now["config"], "eval_batch_size": 64, "prefix_cache_mb": 0.0}}
+    assert same_settings(faster, now)
+    assert not same_settings({**now, "config": {**now["config"], "k": 3}}, now)

@@ -115,28 +115,119 @@ class _StopForward(Exception):
     """Raised by a capture hook to end a forward pass early."""
 
 
+class Prefix(NamedTuple):
+    """A frozen prefix: the residual stream entering block ``layer``, computed earlier.
+
+    With it, a forward runs only blocks ``layer`` .. L-1 (``lofit_lens.prefix``)."""
+
+    layer: int
+    resid: Float[Tensor, "batch pos d_model"]
+
+
+def _capture(model, name: str, run: Callable[[], object]) -> Tensor:
+    """The activation at hook ``name`` during ``run()``, which is stopped right there."""
+    box: dict[str, Tensor] = {}
+
+    def capture(act: Tensor, hook) -> None:
+        box["act"] = act
+        raise _StopForward
+
+    with attached_hooks(model, [(name, capture)]):
+        try:
+            run()
+        except _StopForward:
+            pass
+    if "act" not in box:
+        raise RuntimeError(f"{name} never fired: cannot read it")
+    return box["act"]
+
+
+def residual_entering(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    layer: int,
+) -> Float[Tensor, "batch pos d_model"]:
+    """The residual stream entering block ``layer`` (the forward stops there)."""
+    return _capture(model, f"blocks.{layer}.hook_resid_pre",
+                    lambda: model(tokens, attention_mask=attention_mask, return_type=None))
+
+
+class _PassThrough(torch.nn.Module):
+    """Stands in for a skipped decoder layer: returns its input hidden states unchanged."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states
+
+
+LAYER_LISTS = ("layers", "h", "blocks", "block")
+"""Where HF decoders keep their layers (Llama/Gemma/Qwen: ``layers``; GPT-2: ``h``)."""
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    """The HF decoder-layer list a TransformerBridge runs (``None``: not found, or a
+    HookedTransformer, which runs its own blocks)."""
+    if not uses_bridge(model):
+        return None
+    decoder = model.original_model.get_decoder()
+    for name in LAYER_LISTS:
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) == model_dims(model).n_layers:
+            return layers
+    return None
+
+
+def supports_prefix(model) -> bool:
+    """Whether ``final_residual`` can start from a frozen prefix on ``model``."""
+    return not uses_bridge(model) or decoder_layers(model) is not None
+
+
+@contextlib.contextmanager
+def _layers_skipped(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
+    """Decoder layers ``0 .. start-1`` of an HF model replaced by pass-throughs for the
+    ``with`` body (restored after, also on error). The layer list keeps its length, so code
+    that indexes per-layer settings (Gemma 3's ``layer_types[i]``) sees the same indices."""
+    saved = [layers[i] for i in range(start)]
+    try:
+        for i in range(start):
+            layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
 def final_residual(
     model,
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
+    prefix: Prefix | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """The residual stream after the last block (the input of ``ln_final``), computed without
-    the full-vocabulary unembedding."""
-    box: dict[str, Tensor] = {}
-
-    def capture(resid: Tensor, hook) -> None:  # resid: [batch, pos, d_model]
-        box["resid"] = resid
-        raise _StopForward
-
+    the full-vocabulary unembedding. With ``prefix``, only blocks ``prefix.layer`` .. L-1 run,
+    from ``prefix.resid``: on a TransformerBridge the HF model's earlier decoder layers pass
+    their input through and ``prefix.resid`` goes in as ``inputs_embeds``; on a
+    HookedTransformer through ``start_at_layer``. Either way the masks and positions are
+    the ones a full forward builds. ``lofit_lens.prefix`` checks the result against a full
+    forward before relying on it (an architecture that edits ``inputs_embeds`` in its
+    forward, as GPT-2 adds positions, fails that check and keeps the full path)."""
     last = f"blocks.{model_dims(model).n_layers - 1}.hook_resid_post"
-    with attached_hooks(model, [(last, capture)]):
-        try:
-            model(tokens, attention_mask=attention_mask, return_type=None)
-        except _StopForward:
-            pass
-    if "resid" not in box:
-        raise RuntimeError(f"{last} never fired: cannot read the final residual")
-    return box["resid"]
+    if prefix is None:
+        return _capture(model, last, lambda: model(tokens, attention_mask=attention_mask,
+                                                   return_type=None))
+    if not uses_bridge(model):
+        return _capture(model, last, lambda: model(prefix.resid, start_at_layer=prefix.layer,
+                                                   attention_mask=attention_mask, return_type=None))
+    decoder, layers = model.original_model.get_decoder(), decoder_layers(model)
+    if layers is None:
+        raise NotImplementedError(f"{model_id(model)}: no decoder-layer list found "
+                                  f"(looked for {', '.join(LAYER_LISTS)}); no frozen prefix")
+
+    def run() -> None:
+        with _layers_skipped(layers, prefix.layer):
+            decoder(inputs_embeds=prefix.resid, attention_mask=attention_mask, use_cache=False)
+
+    return _capture(model, last, run)
 
 
 def logits_at(
@@ -144,10 +235,11 @@ def logits_at(
     tokens: Int[Tensor, "batch pos"],
     attention_mask: Int[Tensor, "batch pos"],
     positions: tuple[Int[Tensor, " n"], Int[Tensor, " n"]],
+    prefix: Prefix | None = None,
 ) -> Float[Tensor, "n vocab"]:
     """Logits at the given (batch index, position) pairs only: full-vocabulary logits at
-    every position dominate training memory."""
-    resid = final_residual(model, tokens, attention_mask)
+    every position dominate training memory. ``prefix``: see ``final_residual``."""
+    resid = final_residual(model, tokens, attention_mask, prefix)
     picked = resid[positions]  # [n, d_model]
     logits = model.unembed(model.ln_final(picked.unsqueeze(0))).squeeze(0)
     if not uses_bridge(model):

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from lofit_lens.config import parse_epochs
+from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig, parse_epochs
 from lofit_lens.baselines.base import BaselineOptions, RunContext
 from lofit_lens.baselines.methods import SEED_INDEPENDENT, get_method
 from lofit_lens.eval.evaluate import split_metrics
@@ -115,7 +115,7 @@ def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) 
     folder, stem = out / "runs", f"{name}{tag}-seed{ctx.cfg.seed}"
     if artifact_exists(folder, name=stem):
         cell = read_json(folder / f"{stem}.json")
-        if cell.get("settings") != settings:
+        if not same_settings(cell.get("settings") or {}, settings):
             raise ValueError(f"{folder / stem}.json holds a run with other settings; pass another "
                              "`out` folder or delete that file")
         if "tensors_file" in cell:  # verify the card and its tensors (0.1.0 wrote JSON only)
@@ -128,6 +128,21 @@ def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) 
     with folder_lock(out):
         save_artifact(folder, tensors, cell, kind=RUN_KIND, name=stem)
     return cell
+
+
+def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a saved run's settings are the current ones, up to the config fields that do
+    not change results (``config.NON_RESULT_FIELDS``) and fields added since (read
+    at their defaults), so folders written by earlier versions keep resuming."""
+    def normal(settings: dict[str, Any]) -> dict[str, Any]:
+        try:
+            config = LoFiTConfig.from_dict(settings.get("config", {})).to_dict()
+        except (TypeError, ValueError):
+            return settings
+        config = {k: v for k, v in config.items() if k not in NON_RESULT_FIELDS}
+        return jsonable({**settings, "config": config})
+
+    return normal(saved) == normal(current)
 
 
 def load_intervention(card_path: Union[str, Path]) -> Optional[Intervention]:

@@ -79,6 +79,9 @@ class LoRA(nn.Module):
     def l1_parameters(self) -> list[nn.Parameter]:
         return []
 
+    def first_layer(self) -> int:
+        return 0  # W_Q and W_V of every layer
+
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.trainable())
 
