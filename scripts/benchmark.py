@@ -9,6 +9,8 @@ Measures, on real task batches (batch 8, the task's own prompts):
 - teacher-forced validation forward time per batch;
 - greedy generation throughput (examples/s, batch 16, KV cache, intervention attached);
 - peak resident memory of the process;
+- with ``--main-job RUN_DIR``: that run's step 2 again without and with the frozen-prefix
+  cache (time, v, exact match), and the speed-up its lowest layer allows;
 - with ``--export``: per-token greedy decoding time of an exported LoFiT model (v folded into
   the o_proj biases) over the base HF model.
 Training and validation times are also printed as ratios to a plain no-grad forward of the
@@ -158,6 +160,44 @@ def late_heads_step(model, objective, rows, repeats: int) -> dict:
     return out
 
 
+def main_job_step2(model, result_dir: str, forward_s: float, batch_tokens: int) -> dict:
+    """Step 2 of a saved run (same heads, config and data) without and with the frozen-prefix
+    cache: time, largest difference in v, exact match of each; and the speed-up its lowest
+    layer allows (the per-step forward below it, estimated from a plain forward, removed)."""
+    import dataclasses
+
+    from lofit_lens.result import LoFiTResult
+    from lofit_lens.training import TrainingSet, tune_biases
+
+    result = LoFiTResult.load(result_dir, model=model)
+    cfg = result.config
+    task = ll.get_task(cfg.task, protocol=cfg.protocol, **cfg.extra)
+    data = TrainingSet.build(model, task, cfg)
+    runs = {}
+    for label, budget in (("uncached", 0.0), ("cached", max(cfg.prefix_cache_mb, 1024.0))):
+        start = time.perf_counter()
+        tuned = tune_biases(model, task, result.selected_heads, progress=False, data=data,
+                            config=dataclasses.replace(cfg, prefix_cache_mb=budget))
+        seconds = time.perf_counter() - start
+        metrics, _ = ll.evaluate(model, task, task.eval_examples("test", cfg.max_eval_examples),
+                                 tuned.intervention, progress=False)
+        runs[label] = (seconds, tuned, metrics)
+    (t_u, tuned_u, m_u), (t_c, tuned_c, m_c) = runs["uncached"], runs["cached"]
+    dims = model_dims(model)
+    l0 = tuned_c.history.frozen_prefix_layer
+    steps = len(tuned_u.history.step_loss)
+    below = forward_s * l0 / dims.n_layers * steps  # forward below l0, summed over the steps
+    return {"main_job_lowest_layer": l0, "main_job_step2_uncached_seconds": round(t_u, 1),
+            "main_job_step2_cached_seconds": round(t_c, 1),
+            "main_job_step2_speedup": round(t_u / t_c, 2),
+            "main_job_step2_speedup_allowed": round(t_u / max(t_u - below, 1e-9), 2),
+            "main_job_max_abs_v_difference": float((tuned_u.bias - tuned_c.bias).abs().max()),
+            "main_job_exact_match_uncached": m_u["exact_match"],
+            "main_job_exact_match_cached": m_c["exact_match"],
+            "main_job_note": f"forward below layer {l0} estimated as {l0}/{dims.n_layers} of a "
+                             f"plain forward of {batch_tokens} tokens per step"}
+
+
 def export_overhead(model, name: str, heads, repeats: int, new_tokens: int = 64) -> dict:
     """Per-token greedy decoding time of the exported LoFiT model over the base HF model
     (same prompt, ``new_tokens`` forced, runs alternated; medians)."""
@@ -196,6 +236,8 @@ def main() -> None:
     parser.add_argument("--result", help="a saved run to compare evaluation with the reference loop")
     parser.add_argument("--reference-examples", type=int, default=200)
     parser.add_argument("--mc-questions", type=int, default=48)
+    parser.add_argument("--main-job", help="a saved run (e.g. runs/clutrr-smollm2-135m-s0): "
+                        "its step 2 again without and with the frozen-prefix cache")
     parser.add_argument("--export", action="store_true",
                         help="also time greedy decoding of an exported LoFiT model vs the base model")
     args = parser.parse_args()
@@ -231,9 +273,10 @@ def main() -> None:
     late = late_heads_step(model, objective, rows, args.repeats)
     late_layers = late.pop("late_heads_layers")
     timed.update(late)
+    tokens = int(sum(len(p) + len(c) for p, c in getattr(objective, "pairs", [])))
     results = {
         "model": args.model, "task": args.task, "batch_size": len(rows),
-        "tokens_per_batch": int(sum(len(p) + len(c) for p, c in getattr(objective, "pairs", []))),
+        "tokens_per_batch": tokens,
         "load_model_seconds": round(load_seconds, 2),
         "forward_seconds": round(forward_s, 3),
         "late_heads_layers": late_layers,
@@ -244,6 +287,7 @@ def main() -> None:
            if args.result else {}),
         **mc_questions_per_second(model, args.mc_questions),
         **(export_overhead(model, args.model, heads, args.repeats) if args.export else {}),
+        **(main_job_step2(model, args.main_job, forward_s, tokens) if args.main_job else {}),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "processor": platform.processor() or platform.machine(),
