@@ -272,20 +272,13 @@ def test_lower_layers_do_not_import_analysis_or_baselines(package_edges):
                      "lofit_lens.baselines:\n" + "\n".join(bad))
 
 
-def test_backends_import_only_errors_and_versions(package_edges):
+@pytest.mark.parametrize("name, allowed", [("backends", BACKENDS_MAY_IMPORT),
+                                           ("tasks", TASKS_MAY_IMPORT)])
+def test_bottom_layers_import_only_errors_and_versions(package_edges, name, allowed):
     bad = [str(e) for e in package_edges
-           if layer(e.module) == "backends" and layer(e.target) != "backends"
-           and e.target not in BACKENDS_MAY_IMPORT]
-    assert not bad, (f"lofit_lens.backends may import only {sorted(BACKENDS_MAY_IMPORT)} from "
-                     "outside itself:\n" + "\n".join(bad))
-
-
-def test_tasks_import_only_errors(package_edges):
-    bad = [str(e) for e in package_edges
-           if layer(e.module) == "tasks" and layer(e.target) != "tasks"
-           and e.target not in TASKS_MAY_IMPORT]
-    assert not bad, (f"lofit_lens.tasks may import only {sorted(TASKS_MAY_IMPORT)} from "
-                     "outside itself:\n" + "\n".join(bad))
+           if layer(e.module) == name and layer(e.target) != name and e.target not in allowed]
+    assert not bad, (f"lofit_lens.{name} may import only {sorted(allowed)} from outside "
+                     "itself:\n" + "\n".join(bad))
 
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -345,15 +338,17 @@ def test_imports_are_resolved_at_every_level(tmp_path):
 def test_layer_rules_catch_a_violation():
     e = Import("lofit_lens.backends.hf", "lofit_lens.tasks.base", 3, "from lofit_lens.tasks.base import X")
     with pytest.raises(AssertionError, match=r"lofit_lens\.backends\.hf \(line 3: .*\) imports lofit_lens\.tasks\.base"):
-        test_backends_import_only_errors_and_versions([e])
-    test_backends_import_only_errors_and_versions(
+        test_bottom_layers_import_only_errors_and_versions([e], "backends", BACKENDS_MAY_IMPORT)
+    test_bottom_layers_import_only_errors_and_versions(
         [Import("lofit_lens.backends.hf", "lofit_lens.errors", 1, ""),
-         Import("lofit_lens.backends.hf", "lofit_lens.backends.hooked", 2, "")])
+         Import("lofit_lens.backends.hf", "lofit_lens.backends.hooked", 2, "")],
+        "backends", BACKENDS_MAY_IMPORT)
     with pytest.raises(AssertionError, match="lofit_lens.doctor"):
         test_lower_layers_do_not_import_analysis_or_baselines(
             [Import("lofit_lens.doctor", "lofit_lens.baselines.iti", 9, "import x")])
     with pytest.raises(AssertionError, match="lofit_lens.tasks.base"):
-        test_tasks_import_only_errors([Import("lofit_lens.tasks.base", "lofit_lens.config", 1, "")])
+        test_bottom_layers_import_only_errors_and_versions(
+            [Import("lofit_lens.tasks.base", "lofit_lens.config", 1, "")], "tasks", TASKS_MAY_IMPORT)
     with pytest.raises(AssertionError, match="lofit_lens.api"):
         test_nothing_imports_the_cli([Import("lofit_lens.api", "lofit_lens.cli", 1, "")])
     test_nothing_imports_the_cli([Import("lofit_lens.__main__", "lofit_lens.cli", 1, "")])

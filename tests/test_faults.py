@@ -23,7 +23,9 @@ Every other numeric setting: test_every_numeric_setting_is_checked.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from typing import Iterator
 from pathlib import Path
 
 import json
@@ -515,23 +517,28 @@ def _hold_lock(folder: str, ready, release) -> None:
         release.wait(30)
 
 
-def test_another_process_holding_the_folder_is_refused(tmp_path):
+@contextlib.contextmanager
+def lock_held_by_another_process(folder) -> Iterator[None]:
+    """``folder``'s lock held by a second process for the ``with`` body."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder = ctx.Process(target=_hold_lock, args=(str(folder), ready, release))
     holder.start()
     try:
         assert ready.wait(60)
-        with pytest.raises(OutputLockedError, match="in use by another"):
-            make_result().save(tmp_path)
+        yield
     finally:
         release.set()
         holder.join(30)
+
+
+def test_another_process_holding_the_folder_is_refused(tmp_path):
+    with lock_held_by_another_process(tmp_path):
+        with pytest.raises(OutputLockedError, match="in use by another"):
+            make_result().save(tmp_path)
     make_result().save(tmp_path)  # free again
-
-
 
 
 def test_a_different_result_is_not_overwritten_silently(tmp_path):
@@ -611,20 +618,10 @@ def test_concurrent_runs_on_one_folder_the_second_stops_at_once(tmp_path, tiny_t
                                                                 monkeypatch):
     """Issue row 1 (two processes): a run holding the folder makes a second run on it stop with
     ``OutputLockedError`` (exit 2) before it reads data or loads a model."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
-    holder.start()
-    try:
-        assert ready.wait(60)
+    with lock_held_by_another_process(tmp_path):
         monkeypatch.setattr(cli, "_checked_model", lambda args: pytest.fail("model loaded"))
         assert cli.main(_cli_run(tiny_task_file, tmp_path)) == 2
         assert "in use by another lofit-lens process" in capsys.readouterr().err
-    finally:
-        release.set()
-        holder.join(30)
     assert not (tmp_path / "result.json").exists()
 
 
