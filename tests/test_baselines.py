@@ -53,9 +53,13 @@ def expected_params(model, k: int) -> dict[str, int]:
             d_out, d_in = proj.weight.shape
             lora += 8 * d_in + d_out * 8
     heads = k * dims.d_head
+    d_model = int(model.cfg.d_model)
     return {"zero_shot": 0, "iti": 0, "lofit": heads, "random": heads, "iti_heads": heads,
             "bias_based": heads, "probe_layers": heads, "red": 2 * dims.total_heads * dims.d_head,
-            "lora": lora}
+            "lora": lora,
+            "jola": 2 * dims.total_heads * dims.d_head + 2 * dims.total_heads,  # A, v, 2 log-alphas
+            "reft": dims.n_layers * (2 * 4 * d_model + 4),  # R, W, b (rank 4) on every layer
+            "repe": 0}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.baselines.iti import (
@@ -27,6 +27,18 @@ class BaselineOptions:
     lora_alpha: float = 8.0
     lora_dropout: float = 0.1
     lora_lr: float = 5e-4
+    jola_l0_lambda: float = 0.05
+    """JoLA: weight of the mean expected L0 over all gates (baselines/jola.py)."""
+    jola_lr: Optional[float] = None
+    """JoLA: learning rate (``None``: the run's ``lr_bias``)."""
+    reft_rank: int = 4
+    reft_layers: Optional[tuple[int, ...]] = None
+    """ReFT: the layers whose residual stream is edited (``None``: all)."""
+    reft_lr: float = 4e-3
+    repe_coeff: float = 2.0
+    """RepE: the shift is ``repe_coeff * sigma_l * u_l`` per chosen layer (baselines/repe.py)."""
+    repe_layers: Union[int, float] = 0.25
+    """RepE: layers shifted, a count or a share of all layers (best held-out reading first)."""
 
 
 @dataclass

@@ -15,7 +15,10 @@ from typing import Callable
 from lofit_lens.backends.hooked import hf_tokenizer
 from lofit_lens.baselines.base import BaselineOptions, MethodRun, RunContext
 from lofit_lens.baselines.iti import honest_llama_answer_offset, iti_intervention
+from lofit_lens.baselines.jola import jola_info, train_jola
 from lofit_lens.baselines.lora import train_lora
+from lofit_lens.baselines.reft import residual_dims, train_reft
+from lofit_lens.baselines.repe import num_layers, reading_info, repe_reading, repe_shift
 from lofit_lens.baselines.selectors import SELECTORS, Selector
 
 __all__ = ["METHODS", "SEED_INDEPENDENT", "BaselineOptions", "MethodRun", "RunContext", "get_method"]
@@ -54,6 +57,34 @@ def lora(ctx: RunContext) -> MethodRun:
     return MethodRun(adapter, adapter.num_trainable_parameters())
 
 
+def jola(ctx: RunContext) -> MethodRun:
+    """JoLA: gated A and v on every head, one stage, expected-L0 penalty (baselines/jola.py)."""
+    o = ctx.options
+    module, _, initial = train_jola(ctx.model, ctx.task, ctx.cfg, l0_lambda=o.jola_l0_lambda,
+                                    lr=o.jola_lr, progress=ctx.progress)
+    return MethodRun(module, module.num_trainable_parameters(), module.active_heads,
+                     jola_info(module, initial, o.jola_l0_lambda))
+
+
+def reft(ctx: RunContext) -> MethodRun:
+    """LoReFT on the residual stream at the last prompt position (baselines/reft.py)."""
+    o = ctx.options
+    module, _ = train_reft(ctx.model, ctx.task, ctx.cfg, rank=o.reft_rank, layers=o.reft_layers,
+                           lr=o.reft_lr, progress=ctx.progress)
+    return MethodRun(module, module.num_trainable_parameters(), None,
+                     {"layers": module.layers, "rank": module.rank})
+
+
+def repe(ctx: RunContext) -> MethodRun:
+    """RepE: a reading vector (PCA of paired differences) added at the best-reading layers."""
+    o = ctx.options
+    train = ctx.task.train_examples(ctx.cfg.seed, ctx.cfg.max_train_examples)
+    reading = repe_reading(ctx.model, ctx.task, train, ctx.cfg.seed, ctx.cfg.eval_batch_size)
+    layers = reading.top_layers(num_layers(o.repe_layers, ctx.dims.n_layers))
+    shift = repe_shift(residual_dims(ctx.model), reading, layers, o.repe_coeff)
+    return MethodRun(shift, 0, None, reading_info(reading, layers, o.repe_coeff))
+
+
 def tuned_on(selector: Selector) -> Callable[[RunContext], MethodRun]:
     """The method "bias tuning on ``selector``'s heads"."""
 
@@ -74,6 +105,9 @@ METHODS: dict[str, Callable[[RunContext], MethodRun]] = {
     **{name: tuned_on(selector) for name, selector in SELECTORS.items()},
     "red": red,
     "lora": lora,
+    "jola": jola,
+    "reft": reft,
+    "repe": repe,
 }
 SEED_INDEPENDENT = frozenset({"zero_shot"})
 """Methods whose result does not depend on the seed: run once, for the first seed."""
