@@ -4,8 +4,8 @@ Per model and task, four scores for every head, each the one its method ranks he
 
 * ``lofit``: ||A|| after LoFiT's step 1 (the shared cache of the figure modules);
 * ``jola``: P(head edited) = 1 - (1 - P_A)(1 - P_v) from JoLA's gates, after its one-stage
-  training (``lofit_lens.baselines.jola``; ``epochs_bias`` epochs at ``lr_bias``, l0 weight
-  ``--jola-l0-lambda``);
+  training (``lofit_lens.baselines.jola``; ``epochs_bias`` epochs at ``lr_select``, l0
+  weight ``--jola-l0-lambda``);
 * ``iti``: the validation accuracy of ITI's per-head probe (honest_llama's splits on
   TruthfulQA under the official protocol, else a 4:1 split of the training questions);
   ties are broken by position, as ``iti``/``iti_heads`` break them;
@@ -87,7 +87,8 @@ def jola_scores(model, task, cfg, cache, data, options: BaselineOptions, progres
                         "edited_heads": len(jola.active_heads)}
 
     return _cached_scores(cache, model, task, cfg, "jola", STEP2_FIELDS,
-                          {"l0_lambda": options.jola_l0_lambda, "jola_lr": options.jola_lr},
+                          {"l0_lambda": options.jola_l0_lambda,
+                           "jola_lr": options.jola_lr or cfg.lr_select, "epochs": cfg.epochs_bias},
                           compute)
 
 

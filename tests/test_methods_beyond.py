@@ -154,6 +154,7 @@ def test_jola_trains_and_records_its_gates(tiny_model, tiny_task_file, tmp_path)
     info = card["info"]
     assert len(info["head_scores"]) == dims.n_layers and info["total_heads"] == dims.total_heads
     assert info["l0_lambda"] == 0.05 and -1 <= info["spearman_with_init"] <= 1
+    assert info["lr"] == 5e-3  # the run's lr_select (a task file's default)
     reloaded = load_intervention(tmp_path / "runs" / "jola-seed0.json")
     assert isinstance(reloaded, JoLA) and not reloaded.training
     assert [list(h) for h in reloaded.active_heads] == card["heads"]

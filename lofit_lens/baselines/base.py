@@ -30,7 +30,7 @@ class BaselineOptions:
     jola_l0_lambda: float = 0.05
     """JoLA: weight of the mean expected L0 over all gates (baselines/jola.py)."""
     jola_lr: Optional[float] = None
-    """JoLA: learning rate (``None``: the run's ``lr_bias``)."""
+    """JoLA: learning rate (``None``: the run's ``lr_select``, LoFiT's rate for A on every head)."""
     reft_rank: int = 4
     reft_layers: Optional[tuple[int, ...]] = None
     """ReFT: the layers whose residual stream is edited (``None``: all)."""

@@ -29,8 +29,10 @@ which is where 0.05 comes from. Here both kinds of gates get the same weight.
 Initialisation as JoLA's code: A, v ~ N(0, ``init_std``) (1e-3), each layer's log-alphas
 ``xavier_uniform`` on an ``[H, 1]`` tensor, i.e. U(-b, b) with ``b = sqrt(6 / (H + 1))``.
 Training is LoFiT's loop (``training.train_intervention``: AdamW, linear decay, no L1), for
-``epochs_bias`` epochs at ``jola_lr`` (default: the run's ``lr_bias``; JoLA's config uses
-5e-3 for 20 epochs). ``JoLA.head_scores()`` is the probability that a head is edited at all,
+``epochs_bias`` epochs at ``jola_lr`` (default: the run's ``lr_select``, LoFiT's rate for A on
+every head; 5e-3 for the three tasks, the rate of JoLA's own config, which trains 20 epochs).
+Step 2's ``lr_bias`` is meant for v on K heads: at the quick budget's 5e-2, A and v on all
+heads diverged on TruthfulQA (DPO) with SmolLM2. ``JoLA.head_scores()`` is the probability that a head is edited at all,
 ``1 - (1 - P_A(open)) (1 - P_v(open))``; ``jola_result`` wraps it in a ``LoFiTResult`` so that
 ``plot_heads`` and ``head_overlap`` read JoLA's heads as they read LoFiT's.
 
@@ -278,7 +280,7 @@ def train_jola(model, task: Task, cfg: LoFiTConfig, *, l0_lambda: float, lr: Opt
     initial = jola.head_scores()
     train = L0PenalisedObjective(data.train, jola, l0_lambda)
     history = train_intervention(
-        model, jola, train, data.val, epochs=cfg.epochs_bias, lr=lr or cfg.lr_bias,
+        model, jola, train, data.val, epochs=cfg.epochs_bias, lr=lr or cfg.lr_select,
         l1_lambda=0.0, batch_size=cfg.batch_size, seed=cfg.seed + 1,
         weight_decay=cfg.weight_decay, adam_eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm,
         prefix_budget_mb=cfg.prefix_cache_mb, desc="JoLA", progress=progress)
@@ -315,13 +317,13 @@ def jola_result(jola: JoLA, cfg: LoFiTConfig, model_name: str, k: Optional[int] 
                        data_hash=history.data_hash if history is not None else "")
 
 
-def jola_info(jola: JoLA, initial_scores: Tensor, l0_lambda: float) -> dict[str, Any]:
+def jola_info(jola: JoLA, initial_scores: Tensor, l0_lambda: float, lr: float) -> dict[str, Any]:
     """What a ``compare`` run records of JoLA's gates (JSON-able)."""
     p_scale, p_bias = jola.open_probabilities()
     g_scale, g_bias = jola.eval_gates()
     scores = jola.head_scores()
     return {
-        "l0_lambda": l0_lambda,
+        "l0_lambda": l0_lambda, "lr": lr,
         "head_scores": [[round(float(x), 6) for x in row] for row in scores],
         "open_scale_gates": int((g_scale > 0).sum()), "open_bias_gates": int((g_bias > 0).sum()),
         "edited_heads": len(jola.active_heads), "total_heads": jola.dims.total_heads,

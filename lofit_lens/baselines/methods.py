@@ -63,7 +63,7 @@ def jola(ctx: RunContext) -> MethodRun:
     module, _, initial = train_jola(ctx.model, ctx.task, ctx.cfg, l0_lambda=o.jola_l0_lambda,
                                     lr=o.jola_lr, progress=ctx.progress)
     return MethodRun(module, module.num_trainable_parameters(), module.active_heads,
-                     jola_info(module, initial, o.jola_l0_lambda))
+                     jola_info(module, initial, o.jola_l0_lambda, o.jola_lr or ctx.cfg.lr_select))
 
 
 def reft(ctx: RunContext) -> MethodRun:
