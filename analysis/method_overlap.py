@@ -9,7 +9,8 @@ Per model and task, four scores for every head, each the one its method ranks he
 * ``iti``: the validation accuracy of ITI's per-head probe (honest_llama's splits on
   TruthfulQA under the official protocol, else a 4:1 split of the training questions);
   ties are broken by position, as ``iti``/``iti_heads`` break them;
-* ``bias_based``: ||v|| after v is trained on every head for step 1's budget.
+* ``bias_based``: ||v|| after v is trained on every head with step 1's budget
+  (``epochs_select`` epochs at ``lr_select``).
 
 At equal K (``--ks``, default 3% and 10% of the heads) the top-K sets are compared pairwise with
 ``lofit_lens.analysis.overlap.head_overlap``: Jaccard ``|Ti & Tj| / K``, its expectation for
@@ -115,15 +116,18 @@ def iti_scores(model, task, cfg, cache, progress):
 
 
 def bias_scores(model, task, cfg, cache, data, progress):
+    """||v|| after v is trained on every head with step 1's budget: ``epochs_select`` epochs
+    at ``lr_select``. (The ``bias_based`` selector of ``compare`` uses ``lr_bias``; at the
+    quick budget's 5e-2, v on all heads diverged on TruthfulQA (DPO) with SmolLM2.)"""
     def compute():
         start = time.perf_counter()
-        tuning = tune_biases(model, task, None, progress=progress, data=data(),
-                             config=dataclasses.replace(cfg, epochs_bias=cfg.epochs_select))
+        step1 = dataclasses.replace(cfg, epochs_bias=cfg.epochs_select, lr_bias=cfg.lr_select)
+        tuning = tune_biases(model, task, None, progress=progress, data=data(), config=step1)
         return tuning.intervention.bias_norms(), {"seconds": time.perf_counter() - start}
 
+    fields = tuple(f for f in STEP2_FIELDS if f not in ("epochs_bias", "lr_bias"))
     return _cached_scores(cache, model, task, cfg, "bias_based",
-                          tuple(f for f in STEP2_FIELDS if f != "epochs_bias") + ("epochs_select",),
-                          {}, compute)
+                          fields + ("epochs_select", "lr_select"), {}, compute)
 
 
 def method_scores(model, task: Task, cfg: LoFiTConfig, cache: Path, options: BaselineOptions,
