@@ -10,6 +10,9 @@ the ``lofit-lens`` command line; ``--max-train-examples``, ``--max-eval-examples
 TruthfulQA runs on fold 0 only (the paper averages the two folds); pass
 ``--truthfulqa-fold 1`` for the other.
 
+``--executor ray`` (``--ray-address`` for a cluster) runs the head selections and cells as Ray
+tasks (docs/scale.md); the default runs them one after another in this process.
+
 Results are cached under ``--cache`` (default ``analysis_out/cache``, shared by all
 modules: a head selection made by one module is reused by the others), so rerunning a
 module after an interruption resumes it.
@@ -33,7 +36,9 @@ from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.analysis.plotting import save_figure
 from lofit_lens.errors import ConfigError
 from lofit_lens.result import LoFiTResult
-from lofit_lens.analysis.cells import cached_selection, selection_result
+from lofit_lens.analysis.cells import selection_result
+from lofit_lens.analysis.sweeps import SelectionItem, run_item
+from lofit_lens.executors import get_executor, set_default_executor
 from lofit_lens.training import resolve_run
 from lofit_lens.versions import library_versions
 
@@ -61,6 +66,8 @@ class SettingsParser(argparse.ArgumentParser):
                                   if getattr(parsed, n, None) is not None}})
         except ConfigError as err:
             self.error(str(err))
+        if getattr(parsed, "executor", None) is not None:  # what executor=None means from here on
+            set_default_executor(parsed.executor, parsed.ray_address)
         return parsed
 
 
@@ -91,6 +98,12 @@ def parser(module: str, description: str, k: Optional[float],
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="model dtype (paper: float32 for 7B, bfloat16 for 13B and Gemma)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="where the cells run: one after another here (local, the default), or "
+                        "as Ray tasks, one GPU each when there are GPUs (needs "
+                        "lofit-lens[ray]; docs/scale.md). Put --cache on a path every node sees")
+    p.add_argument("--ray-address", help="a running Ray cluster (auto, HOST:6379, "
+                                         "ray://HOST:10001; default: a local Ray instance)")
     return p
 
 
@@ -125,15 +138,19 @@ def head_sets(model, args, k: float, seeds: Sequence[int]) -> dict[tuple[str, in
     """``{(task, seed): result}``: the top-``k`` heads selected on each task (cached, shared
     with the other modules) as ``LoFiTResult``s without offsets."""
     overrides, per_task = run_options(args, k, model_dims(model).total_heads)
-    results = {}
+    runs = {}
     for task in args.tasks:
         for seed in seeds:
-            task_obj, cfg = resolve_run(task, None, {**overrides, **per_task[task], "k": k,
-                                                     "seed": seed})
-            n_heads = cfg.num_heads(model_dims(model).total_heads)
-            selection = cached_selection(model, task_obj, cfg, args.cache, not args.quiet)
-            results[task, seed] = selection_result(selection, cfg, model_id(model), n_heads)
-    return results
+            runs[task, seed] = resolve_run(task, None, {**overrides, **per_task[task], "k": k,
+                                                        "seed": seed})
+    executor = get_executor()  # --executor
+    shown = not args.quiet and executor.in_process
+    selections = executor.map(run_item, model, [SelectionItem(task_obj, cfg, args.cache, None, shown)
+                                                for task_obj, cfg in runs.values()],
+                              desc="head selections", progress=not args.quiet)
+    return {key: selection_result(selection, cfg, model_id(model),
+                                  cfg.num_heads(model_dims(model).total_heads))
+            for (key, (_, cfg)), selection in zip(runs.items(), selections)}
 
 
 def load(name: str, args):

@@ -43,6 +43,12 @@ def _add_run_args(p: argparse.ArgumentParser, settings: tuple[str, ...]) -> None
     add_config_arguments(group, settings, fallbacks=CLI_DEFAULTS)
     p.add_argument("--data-dir", help="folder with the LoFiT splits (default ../shared/datasets/lofit)")
     p.add_argument("--device")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="model dtype (default float32; the intervention's A and v train in "
+                        "float32 either way, the loss is computed in float32)")
+    p.add_argument("--device-map",
+                   help="split the model over devices with accelerate: auto | balanced | "
+                        "sequential | a JSON object of module -> device (docs/scale.md)")
     p.add_argument("--fold", type=int, help="TruthfulQA fold (0 or 1)")
     p.add_argument("--match", choices=("normalized", "exact", "prefix"),
                    help="answer matching for a task file (default normalized)")
@@ -99,11 +105,28 @@ def _checked_model(args):
     any training, with ``BrokenEnvironmentError``."""
     import lofit_lens as ll
 
-    model = ll.load_model(args.model, device=args.device)
+    model = ll.load_model(args.model, device=args.device, **_placement(args))
     report = ll.doctor(model, fast=True).raise_if_failed()
     seconds = sum(c.seconds for c in report.checks)
     print(f"lofit-lens: doctor: {len(report.checks)} checks passed in {seconds:.1f} s", file=sys.stderr)
     return model
+
+
+def _placement(args) -> dict:
+    """``load_model``'s dtype and device map from ``--dtype`` / ``--device-map`` (only those
+    given, so a plain ``load_model(name, device=...)`` stays what it was)."""
+    import torch
+
+    extra = {}
+    if getattr(args, "dtype", "float32") != "float32":
+        extra["dtype"] = getattr(torch, args.dtype)
+    device_map = getattr(args, "device_map", None)
+    if device_map:
+        extra["device_map"] = json.loads(device_map) if device_map.lstrip().startswith("{") \
+            else device_map
+        if args.device:
+            raise ValueError("--device and --device-map exclude each other")
+    return extra
 
 
 def cmd_doctor(args) -> int:
@@ -118,9 +141,71 @@ ATTACHMENTS = ("metrics.json", "heads.html", "heads.png")
 """Files ``run`` writes beside the result; they are removed with it when it is replaced."""
 
 
-def cmd_run(args) -> int:
+def _launch(args, argv: Sequence[str]) -> int:
+    """``--num-processes N``: this same command in N processes under torchrun (what
+    ``accelerate launch --num_processes N -m lofit_lens.cli run ...`` does too); returns the
+    launcher's exit status."""
+    import os
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:  # the command without --num-processes
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            rest.append(arg)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.num_processes)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={args.num_processes}", "-m", "lofit_lens.cli", *rest]
+    print(f"lofit-lens: {args.num_processes} processes: {' '.join(command[1:])}", file=sys.stderr)
+    return subprocess.call(command, env=env)
+
+
+def _cmd_run_worker(args) -> int:
+    """A data-parallel process of rank > 0: it trains its shard of every batch with rank 0
+    and writes nothing (rank 0 evaluates, checkpoints and saves). It resumes from the phases
+    rank 0's checkpoint held at the start, so both skip the same finished steps."""
+    import dataclasses
+    import shutil
+    import tempfile
+
     import lofit_lens as ll
-    from lofit_lens.analysis.plotting import plot_heads, save_figure
+    from lofit_lens.backends.hooked import model_dims
+
+    cfg = run_config(args)
+    model_tag = args.model.replace("/", "_")
+    out = Path(args.out or f"runs/{Path(args.task).stem}-{model_tag}-s{cfg.seed}")
+    task = _checked_task(args, cfg)
+    model = _checked_model(args)
+    cfg = dataclasses.replace(run_config(args, model_dims(model).total_heads), eval_splits=())
+    with tempfile.TemporaryDirectory(prefix="lofit-lens-rank-") as scratch:
+        checkpoint = Path(scratch) / "checkpoint"
+        if (out / "checkpoint").is_dir():  # a read-only view: its own writes stay in scratch
+            shutil.copytree(out / "checkpoint", checkpoint,
+                            ignore=shutil.ignore_patterns("*.lock", "*.partial"))
+        ll.lofit(model, task, config=cfg, zero_shot=False, progress=False, checkpoint=checkpoint)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from lofit_lens import distributed
+
+    if getattr(args, "num_processes", 1) > 1 and not distributed.launched():
+        return _launch(args, sys.argv[1:] if args.argv is None else args.argv)
+    if distributed.init_from_env():  # started by accelerate launch / torchrun
+        args.device = args.device or distributed.process_device()
+        try:
+            return _cmd_run(args) if distributed.is_main() else _cmd_run_worker(args)
+        finally:
+            distributed.shutdown()
+    return _cmd_run(args)
+
+
+def _cmd_run(args) -> int:
+    import lofit_lens as ll
     from lofit_lens.backends.hooked import model_dims
     from lofit_lens.result import check_destination, run_identity
     from lofit_lens.store import folder_lock, write_text
@@ -145,7 +230,12 @@ def cmd_run(args) -> int:
         metrics = run_metrics(result)
         write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         try:
+            from lofit_lens.analysis.plotting import plot_heads, save_figure
+
             figure_paths = save_figure(plot_heads(result), out / "heads")
+        except ImportError as err:  # no plotly (a bare GPU image): the results are saved
+            print(f"lofit-lens: warning: no heatmap ({err})", file=sys.stderr)
+            figure_paths = []
         except RuntimeError as err:  # no browser for PNG: the HTML is written, results are safe
             print(f"lofit-lens: warning: {err}", file=sys.stderr)
             figure_paths = [out / "heads.html"]
@@ -221,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/<task>-<model>-s<seed>)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a different result already in --out (default: refuse)")
+    run.add_argument("--num-processes", type=int, default=1, metavar="N",
+                     help="data-parallel training in N processes (one per GPU; CPU processes "
+                          "over gloo without GPUs), started with torchrun; the same as "
+                          "`accelerate launch --num_processes N -m lofit_lens.cli run ...`. "
+                          "Rank 0 evaluates and writes (docs/scale.md)")
     run.set_defaults(func=cmd_run)
     exp = sub.add_parser("export", help="write a run as a plain Hugging Face model folder")
     exp.add_argument("run_dir", help="a folder written by `lofit-lens run`")
@@ -246,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     try:
         return args.func(args)
     except (LoFiTLensError, FileNotFoundError, ValueError) as err:  # say what, no traceback

@@ -21,7 +21,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lofit_lens.backends.hooked import ModelDims, attached_hooks, hook_z_name, model_dims
+from lofit_lens.backends.hooked import (
+    ModelDims, attached_hooks, hook_z_name, model_device, model_dims,
+)
 
 Head = tuple[int, int]
 
@@ -194,12 +196,16 @@ class HeadIntervention(nn.Module):
                 f"[batch, pos, {self.dims.n_heads}, {self.dims.d_head}] (per-head outputs). "
                 "Is this model's hook_z split per head?"
             )
-        mask = self.head_mask[layer, :, None].to(z.dtype)  # [head, 1]
+        # This layer's slice meets hook_z on hook_z's device, in its dtype (a model split by
+        # device_map runs each layer on its own device; autograd returns the gradient to the
+        # fp32 parameters). A bf16 model gets bf16 offsets; the parameters stay fp32.
+        device = z.device
+        mask = self.head_mask[layer, :, None].to(device, z.dtype)  # [head, 1]
         if self.use_scale:
-            factor = 1 + self.scale[layer].to(z.dtype) * mask  # [head, d_head]
+            factor = 1 + self.scale[layer].to(device, z.dtype) * mask  # [head, d_head]
             z = z * einops.rearrange(factor, "head d_head -> 1 1 head d_head")
         if self.use_bias:
-            offset = self.bias[layer].to(z.dtype) * mask  # [head, d_head]
+            offset = self.bias[layer].to(device, z.dtype) * mask  # [head, d_head]
             z = z + einops.rearrange(offset, "head d_head -> 1 1 head d_head")
         return z
 
@@ -220,7 +226,11 @@ class HeadIntervention(nn.Module):
         dims = model_dims(model)
         if dims != self.dims:
             raise ValueError(f"Intervention built for {self.dims}, model has {dims}")
-        device = next(iter(model.parameters())).device
+        # The parameters live on the model's input device (cfg.device: the embeddings', also
+        # under a device_map), where the optimiser steps; ``edit`` sends each layer's slice
+        # to that layer's hook_z device. Not ``next(model.parameters())``: under a
+        # device_map that may be any device, or the meta device of an offloaded module.
+        device = model_device(model)
         if self.head_mask.device != device:
             self.to(device)
         with attached_hooks(model, self.hooks()):

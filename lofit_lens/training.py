@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import lofit_lens.distributed as distributed
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.errors import TrainingDivergedError
 from lofit_lens.history import TrainingHistory
@@ -165,8 +166,15 @@ def train_intervention(
     ``TrainingDivergedError`` (``check_divergence``). ``prefix_budget_mb`` > 0: when the
     intervention edits no layer below ``l0`` > 0, the residual entering ``l0`` is computed once
     per row and every forward runs only the blocks from ``l0`` on (``lofit_lens.prefix``; this
-    much memory, then disk)."""
+    much memory, then disk).
+
+    Data-parallel (``lofit_lens.distributed``) while a process group of more than one process
+    is initialised: each process computes the loss of its shard of every global batch,
+    weighted by the shard's share of it, and the gradients are summed over the processes
+    before the L1 term, clipping, the optimiser step and the divergence guard, which all see
+    the global batch's values; progress shows on rank 0 only."""
     params = intervention.trainable()
+    world, rank = distributed.world_size(), distributed.rank()
     optimizer = torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = max(1, epochs * steps_per_epoch)
@@ -175,7 +183,7 @@ def train_intervention(
     history = TrainingHistory()
     penalised = intervention.l1_parameters() if l1_lambda > 0 else []
 
-    with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar, \
+    with tqdm(total=total, desc=desc, disable=not progress or rank > 0, leave=False) as bar, \
             intervention.attach(model), \
             frozen_prefix(model, [train, val], first_edited_layer(intervention), batch_size,
                           prefix_budget_mb) as cached:
@@ -190,16 +198,25 @@ def train_intervention(
             order = torch.randperm(len(train), generator=shuffle).tolist()
             epoch_losses = []
             for start in range(0, len(order), batch_size):
-                loss = train.loss(model, order[start:start + batch_size])
-                total_loss = loss + l1_lambda * sum(p.abs().sum() for p in penalised) if penalised else loss
-                optimizer.zero_grad(set_to_none=True)
-                total_loss.backward()
+                batch = order[start:start + batch_size]
+                if world > 1:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_value = _data_parallel_backward(model, train, batch, params, world, rank)
+                    if penalised:  # the same on every process: added once, after the sum
+                        (l1_lambda * sum(p.abs().sum() for p in penalised)).backward()
+                else:
+                    loss = train.loss(model, batch)
+                    total_loss = loss + l1_lambda * sum(p.abs().sum() for p in penalised).to(loss.device) \
+                        if penalised else loss
+                    optimizer.zero_grad(set_to_none=True)
+                    total_loss.backward()
+                    loss_value = loss.item()
                 if max_grad_norm > 0:
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     history.clipped_steps += int(norm > max_grad_norm)
                 optimizer.step()
                 schedule.step()
-                epoch_losses.append(loss.item())
+                epoch_losses.append(loss_value)
                 history.step_loss.append(epoch_losses[-1])
                 check_divergence(history, params, desc, lr)
                 bar.update(1)
@@ -214,17 +231,38 @@ def train_intervention(
     return history
 
 
+def _data_parallel_backward(model, objective: Objective, batch: list[int], params,
+                            world: int, rank: int) -> float:
+    """This process's shard of ``batch``: its loss times its share of the batch's loss weight
+    (target tokens for SFT, pairs for DPO), backward, then the gradients summed over the
+    processes: the single-process gradient of the whole batch. Returns the batch's loss."""
+    mine = distributed.shard(batch, rank, world)
+    weight = distributed.loss_weight(objective, batch)
+    if mine:
+        local = objective.loss(model, mine) * (distributed.loss_weight(objective, mine) / weight)
+        local.backward()
+    else:  # a batch smaller than the world: this process adds zeros
+        local = torch.zeros(())
+    return distributed.all_reduce_gradients(params, local)
+
+
 @torch.no_grad()
 def validation_loss(model, objective: Objective, batch_size: int) -> float:
-    """Mean task loss over ``objective`` (call with the intervention attached)."""
+    """Mean task loss over ``objective`` (call with the intervention attached); data-parallel,
+    each process scores every world-th batch and the sums are added up."""
     if getattr(objective, "reference_at_init", False) and len(objective.reference) != len(objective):
         objective.compute_reference(model)
+    world, rank = distributed.world_size(), distributed.rank()
     losses, weights = [], []
-    for start in range(0, len(objective), batch_size):
+    for i, start in enumerate(range(0, len(objective), batch_size)):
+        if i % world != rank:
+            continue
         rows = list(range(start, min(start + batch_size, len(objective))))
         losses.append(objective.loss(model, rows).item())
         weights.append(len(rows))
-    return sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+    total, weight = distributed.all_reduce_sum([sum(l * w for l, w in zip(losses, weights)),
+                                                float(sum(weights))])
+    return total / weight
 
 
 @dataclass

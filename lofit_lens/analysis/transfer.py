@@ -18,12 +18,12 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from lofit_lens.config import LoFiTConfig
+from lofit_lens.executors import ExecutorLike, get_executor
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervention import Head
-from lofit_lens.analysis.cells import bias_cell, cached_selection
+from lofit_lens.analysis.sweeps import BiasItem, SelectionItem, bias_task, selection_task
 from lofit_lens.baselines.selectors import random_heads as draw_random_heads
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import TaskLike, TrainingSet, resolve_run
@@ -128,6 +128,7 @@ def transfer_matrix(
     n_bootstrap: int = 1000,
     progress: bool = True,
     task_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    executor: ExecutorLike = None,
     **budget_overrides,
 ) -> TransferResult:
     """Fig. 2 on ``model``: heads from each source (default: ``tasks``), tuned on each target.
@@ -138,6 +139,9 @@ def transfer_matrix(
     ``LoFiTConfig`` fields for every task (``epochs_select=1``, ``max_train_examples=48``,
     ``max_eval_examples=48``, ...); ``task_overrides`` adds per-task ones. Head selections
     and cells are cached under ``cache_dir`` (layout: ``lofit_lens.analysis.cells``).
+    ``executor``: ``"local"`` (one after another here), ``"ray"`` (each head selection, then
+    each cell, a Ray task; put ``cache_dir`` on a shared path) or an ``Executor``
+    (``lofit_lens.executors``; ``None``: the process default, local).
     """
     overrides = {**budget_overrides, "k": k, "seed": seed}
     sources = list(sources) if sources is not None else list(tasks)
@@ -148,23 +152,27 @@ def transfer_matrix(
     dims = model_dims(model)
     n_heads = next(iter(runs.values()))[1].num_heads(dims.total_heads)
 
+    run_cells = get_executor(executor)
+    local = run_cells.in_process
     # each task's training set is encoded once, by the first selection or cell that trains
+    # (in this process; a Ray worker encodes what its cells need)
     data = {label: functools.cache(functools.partial(TrainingSet.build, model, *run))
-            for label, run in runs.items()}
-    heads: dict[str, list[Head]] = {}
-    for source in rows:
-        task, cfg = runs[source]
-        heads[source] = cached_selection(model, task, cfg, cache_dir, progress,
-                                         data[source]).top(n_heads)
+            if local else None for label, run in runs.items()}
+    shown = progress and local
+    selected = run_cells.map(selection_task, model, [
+        SelectionItem(*runs[source], cache_dir, n_heads, shown, data[source]) for source in rows],
+        desc="head selections", progress=progress)
+    heads: dict[str, list[Head]] = dict(zip(rows, selected))
     if random_heads:
         rows.append(RANDOM)
         heads[RANDOM] = draw_random_heads(dims, n_heads, seed)
 
     records, correct = [], {}
     cells = [(s, t) for s in rows for t in targets]
-    for source, target in tqdm(cells, desc="transfer cells", disable=not progress):
-        task, cfg = runs[target]
-        record = bias_cell(model, task, cfg, heads[source], cache_dir, progress, data[target])
+    items = [BiasItem(*runs[target], heads[source], cache_dir, shown, data[target])
+             for source, target in cells]
+    records_of = run_cells.map(bias_task, model, items, desc="transfer cells", progress=progress)
+    for (source, target), record in zip(cells, records_of):
         correct[source, target] = record["correct"]
         records.append({"source": source, "target": target, "metric": record["metric"],
                         "accuracy": record["accuracy"], "n_eval": len(record["correct"]),

@@ -121,21 +121,46 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
-    """The plain HF model and tokenizer behind ``name`` (for comparisons and LoRA)."""
+DeviceMap = Union[str, dict[str, Union[str, int]]]
+"""An HF/accelerate device map: ``"auto"``, ``"balanced"``, ``"sequential"`` or a dict from
+module names (``model.layers.3``, ``lm_head``) to a device (``0``, ``"cuda:1"``, ``"cpu"``,
+``"disk"``)."""
+
+
+def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+            device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None,
+            offload_folder: Optional[Union[str, Path]] = None):
+    """The plain HF model and tokenizer behind ``name`` (for comparisons and LoRA).
+
+    ``device_map`` (with optional ``max_memory``, ``offload_folder``): accelerate's big-model
+    loading places each module on its device as the weights are read (no full copy on one
+    device first); the model is then left where accelerate put it (``device`` must be
+    ``None``). A map with more than one device, or a ``"disk"`` entry, gets accelerate's
+    dispatch hooks and ``hf_model.hf_device_map``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device_map is not None and device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} exclude each other: "
+                         "a device map places every module itself")
     _, source = resolve(name)
+    placement = {} if device_map is None else {"device_map": device_map}
+    if max_memory is not None:
+        placement["max_memory"] = max_memory
+    if offload_folder is not None:
+        placement["offload_folder"] = str(offload_folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
+                                                        **placement)
     except OSError as err:
         raise OSError(
             f"Cannot load model {name!r}: it is not an embedded model "
             f"({', '.join(EMBEDDED_MODELS)}), not a local HF folder, and the Hugging Face Hub "
             f"did not provide it (offline, or no such repo). Cause: {err}"
         ) from err
-    hf_model.to(device or default_device()).eval()
+    if device_map is None:
+        hf_model.to(device or default_device())
+    hf_model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return hf_model, tokenizer

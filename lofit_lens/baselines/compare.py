@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -23,6 +24,7 @@ from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig, parse_epochs
 from lofit_lens.baselines.base import BaselineOptions, RunContext
 from lofit_lens.baselines.methods import SEED_INDEPENDENT, get_method
 from lofit_lens.eval.evaluate import split_metrics
+from lofit_lens.executors import Executor, ExecutorLike, get_executor
 from lofit_lens.backends.hooked import model_id
 from lofit_lens.intervention import Intervention, rebuild_intervention
 from lofit_lens.store import (
@@ -50,6 +52,7 @@ def compare(
     out: Union[str, Path, None] = None,
     extra: Optional[dict[str, Any]] = None,
     progress: bool = True,
+    executor: ExecutorLike = None,
     **overrides,
 ) -> pd.DataFrame:
     """Run ``methods`` x ``seeds`` (x TruthfulQA folds) and return the table.
@@ -60,6 +63,9 @@ def compare(
     included, evaluation excluded); ``runs``. ``overrides``: ``LoFiTConfig`` fields and
     ``BaselineOptions`` fields (``iti_alpha``, ``lora_rank``, ``lora_lr``, ...).
     With ``out``: also ``compare.csv``, ``compare.md`` and the per-run JSON files.
+    ``executor``: ``"local"`` (runs one after another here, the default), ``"ray"`` (each
+    run not already in ``out`` a Ray task; this process saves what they return) or an
+    ``Executor`` (``lofit_lens.executors``).
     """
     for name in methods:
         get_method(name)
@@ -71,17 +77,22 @@ def compare(
         select, bias = parse_epochs(epochs)
         settings.update(epochs_select=select, epochs_bias=bias)
     out = Path(out) if out is not None else None
-    cells: list[Cell] = []
+    run_cells = get_executor(executor)
+    jobs: list[tuple[RunContext, str, Optional[int]]] = []
     for fold in _folds(task, extra):
         task_extra = dict(extra or {}) | ({} if fold is None else {"fold": fold})
         for seed in seeds:
             task_obj, cfg = resolve_run(task, None, {**settings, "seed": seed, "extra": task_extra})
             if not cfg.eval_splits:
                 raise ValueError("compare needs an evaluation split (eval_splits is empty)")
-            ctx = RunContext(model, task_obj, cfg, options, progress)
+            ctx = RunContext(model, task_obj, cfg, options, progress and run_cells.in_process)
             for name in methods:
                 if name not in SEED_INDEPENDENT or seed == seeds[0]:
-                    cells.append(_cell(ctx, name, fold, out))
+                    jobs.append((ctx, name, fold))
+    if run_cells.in_process:
+        cells = [_cell(ctx, name, fold, out) for ctx, name, fold in jobs]
+    else:
+        cells = _remote_cells(run_cells, model, jobs, out, progress)
     frame = summary_table(cells, methods)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -107,27 +118,92 @@ def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) 
     With ``out``, each run is a store artifact ``runs/<method>[-fold<f>]-seed<s>.{json,
     safetensors}``: the record as the card, the method's intervention as tensors
     (``load_intervention`` rebuilds it)."""
-    settings = jsonable({"model": model_id(ctx.model), "config": ctx.cfg.to_dict(),
-                         "options": dataclasses.asdict(ctx.options)})
     if out is None:
-        return _run(ctx, name, fold)[0] | {"settings": settings}
-    tag = "" if fold is None else f"-fold{fold}"
-    folder, stem = out / "runs", f"{name}{tag}-seed{ctx.cfg.seed}"
-    if artifact_exists(folder, name=stem):
-        cell = read_json(folder / f"{stem}.json")
-        if not same_settings(cell.get("settings") or {}, settings):
-            raise ValueError(f"{folder / stem}.json holds a run with other settings; pass another "
-                             "`out` folder or delete that file")
-        if "tensors_file" in cell:  # verify the card and its tensors (0.1.0 wrote JSON only)
-            load_artifact(folder, kind=RUN_KIND, name=stem)
-        return cell
+        return _run(ctx, name, fold)[0] | {"settings": _settings(ctx)}
+    saved = _saved_cell(ctx, name, fold, out)
+    if saved is not None:
+        return saved
     cell, intervention = _run(ctx, name, fold)
-    cell = jsonable(cell | {"settings": settings, "intervention": None if intervention is None else
-                            {"kind": intervention.kind, "spec": intervention.spec()}})
-    tensors = {} if intervention is None else intervention.state_tensors()
+    return _store_cell(ctx, name, fold, out, cell, *_portable(intervention))
+
+
+def _settings(ctx: RunContext) -> dict[str, Any]:
+    return jsonable({"model": model_id(ctx.model), "config": ctx.cfg.to_dict(),
+                     "options": dataclasses.asdict(ctx.options)})
+
+
+def _location(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> tuple[Path, str]:
+    tag = "" if fold is None else f"-fold{fold}"
+    return out / "runs", f"{name}{tag}-seed{ctx.cfg.seed}"
+
+
+def _saved_cell(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> Optional[Cell]:
+    """The run saved in ``out`` (checked to have the same settings), or ``None``."""
+    folder, stem = _location(ctx, name, fold, out)
+    if not artifact_exists(folder, name=stem):
+        return None
+    cell = read_json(folder / f"{stem}.json")
+    if not same_settings(cell.get("settings") or {}, _settings(ctx)):
+        raise ValueError(f"{folder / stem}.json holds a run with other settings; pass another "
+                         "`out` folder or delete that file")
+    if "tensors_file" in cell:  # verify the card and its tensors (0.1.0 wrote JSON only)
+        load_artifact(folder, kind=RUN_KIND, name=stem)
+    return cell
+
+
+def _portable(intervention: Optional[Intervention]) -> tuple[Optional[dict[str, Any]], dict]:
+    """An intervention as its saved form (kind and spec, tensors on the CPU): what a Ray task
+    returns and what ``_store_cell`` writes."""
+    if intervention is None:
+        return None, {}
+    return ({"kind": intervention.kind, "spec": intervention.spec()},
+            {k: v.detach().cpu() for k, v in intervention.state_tensors().items()})
+
+
+def _store_cell(ctx: RunContext, name: str, fold: Optional[int], out: Path, cell: Cell,
+                intervention: Optional[dict[str, Any]], tensors: dict) -> Cell:
+    folder, stem = _location(ctx, name, fold, out)
+    cell = jsonable(cell | {"settings": _settings(ctx), "intervention": intervention})
     with folder_lock(out):
         save_artifact(folder, tensors, cell, kind=RUN_KIND, name=stem)
     return cell
+
+
+@dataclass
+class _RunItem:
+    """One (method, seed, fold) run as an executor task (``_run_item``)."""
+
+    task: Any
+    cfg: LoFiTConfig
+    options: BaselineOptions
+    name: str
+    fold: Optional[int]
+
+
+def _run_item(model, item: _RunItem) -> tuple[Cell, Optional[dict[str, Any]], dict]:
+    """A run in a worker: its record and its intervention in saved form (the worker writes
+    nothing: the caller saves, under ``out``'s lock)."""
+    ctx = RunContext(model, item.task, item.cfg, item.options, progress=False)
+    cell, intervention = _run(ctx, item.name, item.fold)
+    return (cell, *_portable(intervention))
+
+
+def _remote_cells(run_cells: Executor, model, jobs, out: Optional[Path],
+                  progress: bool) -> list[Cell]:
+    """The runs of ``jobs``: those saved in ``out`` read here, the rest computed by
+    ``run_cells`` (ITI probes are then fitted once per run, not shared between methods) and
+    saved here as they would be locally."""
+    cells: list[Optional[Cell]] = [None if out is None else _saved_cell(ctx, name, fold, out)
+                                   for ctx, name, fold in jobs]
+    todo = [i for i, cell in enumerate(cells) if cell is None]
+    items = [_RunItem(jobs[i][0].task, jobs[i][0].cfg, jobs[i][0].options, jobs[i][1], jobs[i][2])
+             for i in todo]
+    for i, (cell, intervention, tensors) in zip(
+            todo, run_cells.map(_run_item, model, items, desc="compare runs", progress=progress)):
+        ctx, name, fold = jobs[i]
+        cells[i] = (cell | {"settings": _settings(ctx)} if out is None
+                    else _store_cell(ctx, name, fold, out, cell, intervention, tensors))
+    return cells  # type: ignore[return-value]
 
 
 def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:

@@ -117,7 +117,8 @@ class LoRA(nn.Module):
 
         def add(t: Float[Tensor, "batch pos head d_head"], hook, layer: int, which: str) -> Tensor:
             a, b = (self.q_a, self.q_b) if which == "q" else (self.v_a, self.v_b)
-            return t + self.delta(box[layer], a[layer], b[layer]).to(t.dtype)
+            x = box[layer]  # this layer's device under a device_map: the slices meet it there
+            return t + self.delta(x, a[layer].to(x.device), b[layer].to(x.device)).to(t.device, t.dtype)
 
         hooks: list[tuple[str, Callable]] = []
         for layer in range(self.dims.n_layers):
@@ -131,7 +132,7 @@ class LoRA(nn.Module):
         """Apply LoRA to ``model`` inside the ``with`` body (hooks removed after)."""
         if lora_dims(model) != self.dims:
             raise ValueError(f"LoRA built for {self.dims}, model has {lora_dims(model)}")
-        self.to(model_device(model))
+        self.to(model_device(model))  # the input device; each layer's slices go to its own
         input_hook = "ln1.hook_out" if uses_bridge(model) else "ln1.hook_normalized"
         with attached_hooks(model, self.hooks(input_hook)):
             yield self
