@@ -27,6 +27,12 @@ settings (keywords, command-line flags) override a budget's.
   meta-llama/Llama-2-7b-hf``). ``Budget.paper_hyperparams`` marks it; the rates depend on
   the task and K, and ``budget_settings`` applies them (for the paper's three tasks).
 * ``smoke``: a seconds-scale run (8 training / 8 test examples) that checks the wiring.
+* ``claims-quick`` / ``claims-paper`` (``analysis.claims``, docs/claims.md): the claims as
+  tested hypotheses. ``max_eval_examples`` is there the size of each seed's own random test
+  subset (the seeds' subsets are disjoint); ``None`` cuts the whole test split into one
+  subset per seed. ``claims-quick`` (2-core CPU) takes K = 10% (K = 3% is 2 heads of Gemma 3
+  270M's 72), 40 training examples and epochs 1 + 2, and spends the time on test examples
+  and seeds instead; ``claims-paper`` is the paper's protocol, for a GPU.
 """
 
 from __future__ import annotations
@@ -112,6 +118,22 @@ BUDGETS: dict[str, Budget] = {
         fractions=(0.03, 0.1, 0.5), sizes=(16, 40, 80),
         description="quick's training on <=80 examples, 200 test examples (50 TruthfulQA "
                     "questions): analysis.protocol_effect's, quoted in docs/protocol.md"),
+    "claims-quick": Budget(
+        overrides=dict(k=0.1, max_train_examples=40, epochs_select=1, epochs_bias=2,
+                       lr_bias=5e-2, max_val_examples=0, max_eval_examples=80),
+        task_overrides={"truthfulqa": {"max_eval_examples": 24}},
+        fractions=(0.1,), sizes=(40,),
+        description="analysis.claims on a 2-core CPU (docs/claims.md): K=10%, <=40 training "
+                    "examples, epochs 1+2 (lr 5e-2), no validation; max_eval_examples is the "
+                    "size of each seed's disjoint random test subset (80; 24 TruthfulQA "
+                    "questions)"),
+    "claims-paper": Budget(
+        overrides=dict(k=0.03, epochs_select=5, epochs_bias=5, max_train_examples=None,
+                       max_eval_examples=None),
+        paper_hyperparams=True, fractions=(0.03,),
+        description="analysis.claims for a GPU: the paper's K=3%, 5+5 epochs, all training "
+                    "data, Table 6 hyperparameters; the whole test split, cut into one "
+                    "disjoint random subset per seed"),
 }
 """Every budget name, in the order the command lines list them."""
 

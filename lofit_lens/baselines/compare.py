@@ -250,8 +250,29 @@ def _run(ctx: RunContext, name: str, fold: Optional[int]) -> tuple[Cell, Optiona
 
 
 def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame:
-    """One row per method from run records (see ``compare`` for the columns)."""
-    rows = []
+    """One row per method from run records (see ``compare`` for the columns).
+
+    95% intervals, ``<m>_ci_low`` / ``<m>_ci_high`` (fractions), of the seed-mean score over
+    the test examples (summed over TruthfulQA's folds; the seed spread is ``<m>_std``):
+    Wilson for the 0/1 metrics (``exact_match``, ``mc1``), from the run's ``n``; a bootstrap
+    over questions for the others (MC2, MC3), from the per-question scores a run keeps under
+    ``per_example[split][m]`` (NaN when it kept none). ``frame.attrs["ci"]`` names the
+    method per metric."""
+    z = 1.959963984540054  # two-sided 95%
+
+    def wilson(p: float, n: int) -> tuple[float, float]:
+        if n <= 0 or not np.isfinite(p):
+            return float("nan"), float("nan")
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * np.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+        return max(0.0, centre - half), min(1.0, centre + half)
+
+    def bootstrap(values: np.ndarray) -> tuple[float, float]:
+        draws = values[np.random.default_rng(0).integers(0, len(values), (2000, len(values)))]
+        low, high = np.quantile(draws.mean(axis=1), [0.025, 0.975])
+        return float(low), float(high)
+
+    rows, how = [], {}
     for name in methods:
         mine = [c for c in cells if c["method"] == name]
         split = mine[0]["split"]
@@ -271,20 +292,49 @@ def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame
             for f in folds:
                 row[f"{m}_fold{f}"] = float(np.mean([c["metrics"][split][m] for c in mine
                                                       if c["fold"] == f]))
+            by_fold: dict[Any, list[Cell]] = {}
+            for c in mine:
+                by_fold.setdefault(c["fold"], []).append(c)
+            if m in ("exact_match", "mc1"):
+                n = sum(int(runs[0]["metrics"][split].get("n", 0)) for runs in by_fold.values())
+                row[f"{m}_ci_low"], row[f"{m}_ci_high"] = wilson(mean, n)
+                how[m] = "Wilson"
+            else:
+                kept = [[(c.get("per_example") or {}).get(split, {}).get(m) for c in runs]
+                        for runs in by_fold.values()]
+                if all(v is not None and len(v) for runs in kept for v in runs):
+                    # per question: the mean over seeds; the folds' questions side by side
+                    questions = np.concatenate([np.mean(np.array(runs, float), axis=0) for runs in kept])
+                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = bootstrap(questions)
+                    how[m] = "bootstrap over questions"
+                else:
+                    row[f"{m}_ci_low"] = row[f"{m}_ci_high"] = float("nan")
+                    how.setdefault(m, "none: the runs kept no per-question scores")
         row.update(params=int(mine[0]["params"]), seconds=float(np.mean([c["seconds"] for c in mine])),
                    runs=len(mine))
         rows.append(row)
     frame = pd.DataFrame(rows)
     shown = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
-    return frame[shown + [c for c in frame.columns if c not in shown]]  # method, "mean ± std" first
+    frame = frame[shown + [c for c in frame.columns if c not in shown]]  # method, "mean ± std" first
+    frame.attrs["ci"] = how
+    return frame
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """The table as Markdown: method, "mean ± std" metrics, per-fold means (%), params,
-    seconds (no ``tabulate`` needed)."""
+    seconds (no ``tabulate`` needed), then each metric's 95% interval in % (its method in
+    the header: Wilson for 0/1 metrics, bootstrap over questions for MC2/MC3; "-" where the
+    runs kept no per-question scores)."""
     shown = [c for c in frame.columns
              if not pd.api.types.is_numeric_dtype(frame[c]) or "_fold" in c]
     shown += ["params", "seconds"]
+    intervals = [c[:-len("_ci_low")] for c in frame.columns
+                 if c.endswith("_ci_low") and f"{c[:-len('_ci_low')]}_ci_high" in frame.columns]
+    how = frame.attrs.get("ci", {})
+
+    def label(metric: str) -> str:
+        kind = how.get(metric) or ("Wilson" if metric in ("exact_match", "mc1") else "bootstrap")
+        return f"{metric} 95% CI ({'bootstrap' if kind.startswith('bootstrap') else kind.split(':')[0]})"
 
     def cell(column: str, value: Any) -> str:
         if "_fold" in column:
@@ -295,6 +345,12 @@ def markdown_table(frame: pd.DataFrame) -> str:
             return f"{value:.1f}"
         return str(value)
 
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(cell(c, row[c]) for c in shown) + " |" for _, row in frame.iterrows()]
+    def interval(row, metric: str) -> str:
+        low, high = row[f"{metric}_ci_low"], row[f"{metric}_ci_high"]
+        return "-" if not (np.isfinite(low) and np.isfinite(high)) else f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+    header = shown + [label(m) for m in intervals]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([cell(c, row[c]) for c in shown] + [interval(row, m) for m in intervals])
+              + " |" for _, row in frame.iterrows()]
     return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""lofit_lens.analysis.claims: the whole pipeline on the tiny model (seconds), its test
+subsets, the head-set statistics and the verdict rules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lofit_lens.analysis import cells as run_cache
+from lofit_lens.analysis import claims
+from lofit_lens.analysis.claims import (
+    COLUMNS, band_test, band_width, finish_family, overlap_test, replicate_claims, seed_subsets,
+)
+from lofit_lens.tasks.file_task import FileTask
+from lofit_lens.training import resolve_run
+
+torch.set_num_threads(1)
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "owl", "fox"]
+# seconds-scale: 8 training examples, 1 + 1 epochs, 4 test examples per seed
+TINY = dict(max_train_examples=8, epochs_select=1, epochs_bias=1, max_val_examples=0,
+            batch_size=4, max_eval_examples=4)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def task_paths(tmp_path_factory):
+    """Two generation tasks and a multiple-choice task, 12 train / 24 test rows each."""
+    folder = tmp_path_factory.mktemp("claims_tasks")
+    split = lambda i: "train" if i < 12 else "test"  # noqa: E731
+    say = [{"prompt": f"Q: {i} say {w} A:", "answer": " " + w, "split": split(i)}
+           for i, w in enumerate(WORDS * 3)]
+    succ = [{"prompt": f"Q: after {w} A:", "answer": " " + WORDS[(i + 1) % 12], "split": split(i)}
+            for i, w in enumerate(WORDS * 3)]
+    pick = [{"prompt": f"Q: pick {w} A:", "correct": 0, "split": split(i),
+             "choices": [w, WORDS[(i + 1) % 12], WORDS[(i + 5) % 12]]}
+            for i, w in enumerate(WORDS * 3)]
+    return {"say": _write(folder / "say.jsonl", say), "succ": _write(folder / "succ.jsonl", succ),
+            "pick": _write(folder / "pick.jsonl", pick)}
+
+
+@pytest.fixture(scope="module")
+def report(tiny_model, task_paths, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("claims_cache")
+    result = replicate_claims(tiny_model, tasks=[task_paths["say"], task_paths["pick"]],
+                              selection_tasks=[task_paths["succ"]], budget="smoke", seeds=(0, 1, 2),
+                              cache_dir=cache, k=3, n_bootstrap=200, n_permutations=2000,
+                              n_draws=500, log=None, **TINY)
+    return result, cache
+
+
+# ---------------------------------------------------------------------- the pipeline
+def test_pipeline_table_columns_and_rows(report):
+    result, _ = report
+    frame = result.claims
+    assert list(frame.columns[:len(COLUMNS)]) == COLUMNS
+    # 1: lofit > random, lofit > iti_heads; 2; 3; 4; 5: lofit > iti, lofit > zero_shot
+    assert sorted(frame["claim"]) == ["1", "1", "2", "3", "4", "5", "5"]
+    assert (frame["model"] == "tiny-llama").all() and (frame["seeds"] == "0,1,2").all()
+    paired = frame[frame["unit"] == "examples"]
+    assert (paired["n"] == 2 * 3 * 4).all()  # 2 evaluated tasks x 3 seeds x 4 examples
+    assert (frame["family_size"] == 7).all()
+    assert frame["p"].between(0, 1).all() and (frame["p_holm"] >= frame["p"] - 1e-12).all()
+    assert set(frame.loc[frame["claim"] == "1", "test"]) == {"exact McNemar"}
+    # MC2 of the multiple-choice task: the permutation test, the sign test beside it
+    mc2 = result.details[result.details["metric"] == "mc2"]
+    assert len(mc2) == 4 and (mc2["test"] == "paired permutation").all()
+    assert mc2["p_sign_test"].between(0, 1).all()
+    # the paper's bootstrap beside every paired test
+    assert result.details.loc[result.details["unit"] == "examples", "p_bootstrap_paper"].notna().all()
+
+
+def test_verdicts_follow_the_corrected_p_values(report):
+    result, _ = report
+    for frame in (result.claims, result.details):
+        for _, row in frame.iterrows():
+            supported = row["effect"] > 0 and row["p_holm"] < 0.05
+            assert (row["verdict"] == "supported") == supported, row.to_dict()
+            underpowered = (not supported and row["effect"] > 0
+                            and math.isfinite(row["n_needed_holm"]) and row["n_needed_holm"] > row["n"])
+            assert row["verdict"].startswith("underpowered") == underpowered, row.to_dict()
+            if underpowered:
+                assert "n ≈" in row["verdict"] and "needed" in row["verdict"]
+
+
+def test_holm_families(report):
+    result, _ = report
+    for (claim, _), family in result.details.groupby(["claim", "model"]):
+        adjusted = claims.stats.holm(family["p"].to_list())
+        np.testing.assert_allclose(family["p_holm"], adjusted)
+        assert (family["family_size"] == len(family)).all()
+
+
+def test_accuracy_has_intervals_and_stability_its_random_expectation(report):
+    result, _ = report
+    acc = result.accuracy
+    assert {"zero_shot", "iti", "random", "iti_heads", "lofit"} <= set(acc["method"])
+    assert ((acc["ci_low"] <= acc["score"] + 1e-12) & (acc["score"] <= acc["ci_high"] + 1e-12)).all()
+    assert set(acc.loc[acc["metric"] == "mc2", "ci"]) == {"bootstrap over questions"}
+    assert set(acc.loc[acc["metric"] != "mc2", "ci"]) == {"Wilson"}
+    pooled = acc[acc["seed"] == "pooled"]
+    assert (pooled["n"] == 12).all()
+    stab = result.stability
+    assert {"say", "pick", "succ"} <= set(stab["task"])
+    assert stab["jaccard_random"].to_list() == pytest.approx([3 / 12] * len(stab))  # K / N
+    assert len(result.selections) == 3 * 3 and (result.selections["k"] == 3).all()
+
+
+def test_report_saves_markdown_and_csv(report, tmp_path):
+    result, _ = report
+    paths = result.save(tmp_path)
+    assert {p.name for p in paths} == {"claims.csv", "details.csv", "accuracy.csv",
+                                       "selections.csv", "stability.csv", "claims.md"}
+    text = (tmp_path / "claims.md").read_text()
+    assert "| claim | model | contrast |" in text and "paired bootstrap p (paper's)" in text
+    assert pd.read_csv(tmp_path / "claims.csv")["claim"].astype(str).tolist() == \
+        result.claims["claim"].tolist()
+
+
+def test_rerun_reads_every_cell_from_the_cache(report, tiny_model, task_paths, monkeypatch):
+    result, cache = report
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached cell was trained again")
+
+    monkeypatch.setattr(run_cache, "select_heads", no_training)
+    monkeypatch.setattr(run_cache, "tune_biases", no_training)
+    monkeypatch.setattr(claims, "tune_biases", no_training)
+    monkeypatch.setattr(claims, "get_method", no_training)
+    again = replicate_claims(tiny_model, tasks=[task_paths["say"], task_paths["pick"]],
+                             selection_tasks=[task_paths["succ"]], budget="smoke", seeds=(0, 1, 2),
+                             cache_dir=cache, k=3, n_bootstrap=200, n_permutations=2000,
+                             n_draws=500, log=None, **TINY)
+    pd.testing.assert_frame_equal(again.claims, result.claims)
+
+
+# ---------------------------------------------------------------------- test subsets
+def test_seed_subsets_are_random_disjoint_and_not_the_top(task_paths):
+    task, _ = resolve_run(task_paths["say"], None, {})
+    test = task.examples("test")
+    subsets = seed_subsets(task, [2, 0, 1], 5)
+    rows = {s: t.eval_examples("test") for s, t in subsets.items()}
+    assert all(len(r) == 5 for r in rows.values())
+    prompts = [{ex.prompt for ex in r} for r in rows.values()]
+    assert all(not (a & b) for i, a in enumerate(prompts) for b in prompts[i + 1:])
+    assert {ex.prompt for ex in rows[0]} != {ex.prompt for ex in test[:5]}
+    # the rest of the task is untouched: training rows, other splits, its description
+    assert subsets[0].train_examples(0) == task.train_examples(0)
+    assert subsets[0].describe() == task.describe()
+    assert len(task.eval_examples("test")) == 24
+    # too many rows asked: the split is cut into equal parts (with a note)
+    notes = []
+    assert all(len(t.eval_examples("test")) == 8 for t in seed_subsets(task, [0, 1, 2], 50, notes.append).values())
+    assert notes and "disjoint subsets of 8" in notes[0]
+
+
+# ---------------------------------------------------------------------- head-set statistics
+def test_band_width_by_hand():
+    assert band_width(np.array([0, 3, 1, 0, 2])) == 1  # half of 6 = 3 heads, all in layer 1
+    assert band_width(np.array([1, 1, 1, 1])) == 2
+    assert band_width(np.array([2, 0, 0, 0, 1, 1])) == 1
+    assert band_width(np.array([1, 0, 0, 0, 0, 1, 0, 1])) == 3  # 2 of 3 heads: layers 5..7
+    assert list(band_width(np.array([[1, 1, 1, 1], [0, 4, 0, 0]]))) == [2, 1]
+
+
+def test_band_test_tells_a_band_from_chance():
+    band = [[(10, h) for h in range(6)] + [(11, 0), (11, 1)] for _ in range(3)]
+    result = band_test(band, n_layers=30, n_heads=9, n_draws=2000)
+    assert result["observed"] == 1 and result["effect"] > 5 and result["p"] < 0.01
+    spread = [[(l, 0) for l in range(0, 30, 4)] for _ in range(3)]  # one head every 4 layers
+    assert band_test(spread, 30, 9, n_draws=2000)["p"] > 0.5
+
+
+def test_overlap_test_exact_permutation():
+    a = [(0, 0), (0, 1), (1, 0)]
+    b = [(2, 0), (2, 1), (3, 0)]
+    c = [(4, 0), (4, 1), (5, 0)]
+    sets = {(t, s): heads for t, heads in (("a", a), ("b", b), ("c", c)) for s in range(3)}
+    result = overlap_test(sets, n_bootstrap=200)
+    assert result["effect"] == pytest.approx(1.0)  # identical within tasks, disjoint across
+    assert result["p"] == pytest.approx(6 / 1680)  # the 3! relabelings of the true partition
+    assert result["min_p"] == pytest.approx(1 / 1680)
+    # shuffled: the same head set on every task and seed gives no within/across difference
+    same = {key: a for key in sets}
+    assert overlap_test(same, n_bootstrap=50)["effect"] == pytest.approx(0.0)
+
+
+def test_finish_family_underpowered_and_supported():
+    rows = [
+        {"test": "exact McNemar", "n": 60, "effect": 0.05, "p": 0.2, "p10": 0.1, "p01": 0.05},
+        {"test": "exact McNemar", "n": 200, "effect": 0.2, "p": 1e-6, "p10": 0.25, "p01": 0.05},
+        {"test": "exact McNemar", "n": 60, "effect": -0.05, "p": 0.9, "p10": 0.05, "p01": 0.1},
+    ]
+    out = finish_family(rows)
+    assert out[0]["verdict"].startswith("underpowered (n ≈") and out[0]["n_needed_holm"] > 60
+    assert out[0]["n_needed_holm"] == claims.stats.mcnemar_n_needed(0.1, 0.05, 0.05 / 3)
+    assert out[1]["verdict"] == "supported" and out[1]["p_holm"] == pytest.approx(3e-6)
+    assert out[2]["verdict"] == "not supported" and out[2]["n_needed_holm"] == math.inf
