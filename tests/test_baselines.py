@@ -158,7 +158,7 @@ def test_a_selector_registered_by_user_code_is_a_method(tiny_model, task_files, 
 
 def test_unknown_method_lists_the_known_ones(tiny_model, task_files):
     with pytest.raises(ValueError, match="known methods: zero_shot, iti, lofit"):
-        compare(tiny_model, str(task_files["generation"]), methods=["lofit", "repe"], **TINY)
+        compare(tiny_model, str(task_files["generation"]), methods=["lofit", "no_such_method"], **TINY)
 
 
 # ---------------------------------------------------------------------- head selectors
@@ -292,7 +292,7 @@ def test_cli_compare_prints_the_table(tiny_model, task_files, tmp_path, monkeypa
     assert main(args + ["--methods", "zero_shot", "random"]) == 0
     printed = capsys.readouterr().out
     assert "| random |" in printed and (tmp_path / "compare.md").is_file()
-    assert main(args + ["--methods", "lofit", "repe"]) == 2
+    assert main(args + ["--methods", "lofit", "no_such_method"]) == 2
     assert "known methods" in capsys.readouterr().err
 
 
