@@ -42,8 +42,9 @@ class PrefixStore:
     (``[n_tokens_i, d_model]`` each, fp32), in memory or memory-mapped from disk."""
 
     def __init__(self, layer: int, lengths: Sequence[int], d_model: int,
-                 data: "np.ndarray | list[Tensor]", folder: Optional[tempfile.TemporaryDirectory] = None):
-        self.layer, self.lengths, self.d_model = layer, list(lengths), d_model
+                 data: "np.ndarray | list[Tensor]", folder: Optional[tempfile.TemporaryDirectory] = None,
+                 dtype: torch.dtype = torch.float32):
+        self.layer, self.lengths, self.d_model, self.dtype = layer, list(lengths), d_model, dtype
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
         self._data, self._folder = data, folder
 
@@ -70,7 +71,7 @@ class PrefixStore:
         out = torch.zeros(len(indices), width, self.d_model)
         for b, i in enumerate(indices):
             out[b, :self.lengths[i]] = self.row(i)
-        return out.to(device)
+        return out.to(device, self.dtype)  # the model's dtype: fp32 holds bf16 values exactly
 
     def close(self) -> None:
         """Drop the data (and the temporary file of a disk store)."""
@@ -103,19 +104,20 @@ class PrefixStore:
                                              dtype=np.float32, shape=(sum(lengths), d_model))
             logger.info("frozen prefix: %.0f MB over the %.0f MB memory budget, kept on disk",
                         nbytes / 2**20, budget_mb)
-        offset = 0
+        offset, dtype = 0, torch.float32
         device = model_device(model)
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             batch = collate(chunk, pad).to(device)
-            resid = residual_entering(model, batch.tokens, batch.attention_mask, layer).float().cpu()
+            resid = residual_entering(model, batch.tokens, batch.attention_mask, layer)
+            dtype, resid = resid.dtype, resid.float().cpu()
             for b, n in enumerate(lengths[start:start + batch_size]):
                 if isinstance(data, list):
                     data.append(resid[b, :n].clone())
                 else:
                     data[offset:offset + n] = resid[b, :n].numpy()
                 offset += n
-        return cls(layer, lengths, d_model, data, folder)
+        return cls(layer, lengths, d_model, data, folder, dtype)
 
     def prefix(self, indices: Sequence[int], width: int, device: torch.device) -> Prefix:
         return Prefix(self.layer, self.gather(indices, width, device))
