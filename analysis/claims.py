@@ -50,6 +50,8 @@ def _k(text: str) -> Union[int, float]:
 def build_parser() -> argparse.ArgumentParser:
     p = parser(MODULE, __doc__, k=None, seed=False)
     p.set_defaults(budget="claims-quick", tasks=list(DEFAULT_TASKS), out=Path("analysis_out") / MODULE)
+    p.add_argument("--selection-only", action="store_true",
+                   help="head selections only (claims 3 and 4): no task is evaluated")
     p.add_argument("--selection-tasks", nargs="+", default=list(DEFAULT_SELECTION_TASKS),
                    choices=TASKS, help="tasks whose head sets claims 3 and 4 compare (selection "
                                        "only; --tasks are always included; default all three)")
@@ -83,7 +85,8 @@ def run(args) -> ClaimsReport:
         log.lap(f"load {name}", start)
         start = time.perf_counter()
         report = replicate_claims(
-            model, tasks=args.tasks, selection_tasks=args.selection_tasks, budget=args.budget,
+            model, tasks=[] if args.selection_only else args.tasks,
+            selection_tasks=args.selection_tasks, budget=args.budget,
             seeds=args.seeds, cache_dir=args.cache, k=args.k, n_test=args.n_test,
             task_overrides=task_overrides, n_bootstrap=args.n_bootstrap,
             n_permutations=args.n_permutations, progress=not args.quiet,

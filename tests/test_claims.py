@@ -188,7 +188,7 @@ def test_overlap_test_exact_permutation():
     result = overlap_test(sets, n_bootstrap=200)
     assert result["effect"] == pytest.approx(1.0)  # identical within tasks, disjoint across
     assert result["p"] == pytest.approx(6 / 1680)  # the 3! relabelings of the true partition
-    assert result["min_p"] == pytest.approx(1 / 1680)
+    assert result["min_p"] == pytest.approx(6 / 1680)  # already the smallest attainable
     # shuffled: the same head set on every task and seed gives no within/across difference
     same = {key: a for key in sets}
     assert overlap_test(same, n_bootstrap=50)["effect"] == pytest.approx(0.0)
@@ -205,3 +205,17 @@ def test_finish_family_underpowered_and_supported():
     assert out[0]["n_needed_holm"] == claims.stats.mcnemar_n_needed(0.1, 0.05, 0.05 / 3)
     assert out[1]["verdict"] == "supported" and out[1]["p_holm"] == pytest.approx(3e-6)
     assert out[2]["verdict"] == "not supported" and out[2]["n_needed_holm"] == math.inf
+
+
+def test_selection_only_tests_claims_3_and_4(report, tiny_model, task_paths):
+    result, cache = report
+    only = replicate_claims(tiny_model, tasks=[],
+                            selection_tasks=[task_paths["say"], task_paths["pick"], task_paths["succ"]],
+                            budget="smoke", seeds=(0, 1, 2), cache_dir=cache, k=3, n_bootstrap=200,
+                            n_permutations=2000, n_draws=500, log=None, **TINY)
+    assert sorted(only.claims["claim"]) == ["3", "4"] and (only.claims["family_size"] == 2).all()
+    full = result.claims.set_index("claim")
+    for _, row in only.claims.iterrows():  # the same head sets as the full run's
+        assert row["effect"] == pytest.approx(full.loc[row["claim"], "effect"])
+    assert only.accuracy.empty and len(only.selections) == 9
+    assert "(no task evaluated)" in only.markdown()
