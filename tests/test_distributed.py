@@ -330,3 +330,24 @@ def test_measure_modes(tmp_path, data_dir):
         figures[f"{a} / {b}"] = {k: round(figures[a][k] / figures[b][k], 2)
                                  for k in ("seconds", "peak_mib")}
     print(json.dumps(figures, indent=1))
+
+
+@pytest.mark.slow
+def test_cli_num_processes_matches_one_process(hf_folder, tiny_task_file, tmp_path, monkeypatch):
+    """``lofit-lens run --num-processes 2`` (torchrun, gloo) writes one result, from rank 0,
+    equal to one process's (v atol 1e-6); a rerun resumes from rank 0's checkpoint."""
+    from lofit_lens.cli import main
+    from lofit_lens.result import LoFiTResult
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    args = ["run", "--task", str(tiny_task_file), "--model", str(hf_folder), "--k", "3",
+            "--epochs", "1", "2", "--batch-size", "4", "--max-train-examples", "12",
+            "--max-eval-examples", "2", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "one"), "--device", "cpu"]) == 0
+    assert main(args + ["--out", str(tmp_path / "two"), "--num-processes", "2"]) == 0
+    one, two = LoFiTResult.load(tmp_path / "one"), LoFiTResult.load(tmp_path / "two")
+    assert one.selected_heads == two.selected_heads
+    torch.testing.assert_close(two.bias, one.bias, atol=1e-6, rtol=0)
+    phases = sorted(p.name.split("-")[0] for p in (tmp_path / "two" / "checkpoint").glob("*.json"))
+    assert phases == ["select", "tune", "zero_shot"]  # rank 0's only: one file per phase
+    assert main(args + ["--out", str(tmp_path / "two"), "--num-processes", "2"]) == 0  # resumes
