@@ -175,10 +175,6 @@ def train_intervention(
     the global batch's values; progress shows on rank 0 only."""
     params = intervention.trainable()
     world, rank = distributed.world_size(), distributed.rank()
-    if prefix_budget_mb > 0 and getattr(model.cfg, "dtype", torch.float32) != torch.float32:
-        # the store keeps fp32 residuals, which a bf16/fp16 decoder refuses as inputs_embeds
-        # (lofit_lens.prefix): such a model runs every layer until the store casts them
-        prefix_budget_mb = 0.0
     optimizer = torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     total = max(1, epochs * steps_per_epoch)
