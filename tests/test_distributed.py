@@ -238,15 +238,16 @@ def test_a_device_mapped_model_trains_and_evaluates_as_the_plain_one(hf_folder, 
     task = get_task(str(tiny_task_file))
     settings = dict(epochs_bias=1, batch_size=4, max_train_examples=8, max_val_examples=2,
                     lr_bias=5e-2, progress=False)
-    heads = [(0, 1), (1, 2), (2, 3)]
+    heads = [(1, 2), (2, 3), (2, 0)]  # none in layer 0: the frozen-prefix cache is used
     a = tune_biases(plain, task, heads, **settings)
     HeadIntervention.edit = spy
     try:
         b = tune_biases(split, task, heads, **settings)
     finally:
         HeadIntervention.edit = original_edit
-    assert {layer for layer, _, _ in seen} == {0, 1, 2}
+    assert {layer for layer, _, _ in seen} == {1, 2}
     assert all(z == out for _, z, out in seen)
+    assert a.history.frozen_prefix_layer == b.history.frozen_prefix_layer == 1
     torch.testing.assert_close(b.bias, a.bias, atol=1e-6, rtol=0)
     assert a.bias.abs().max() > 1e-3
     examples = task.eval_examples("test", 2)
