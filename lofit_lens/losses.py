@@ -24,7 +24,8 @@ def target_logprobs(model, batch: TokenBatch,
     rows, pred_pos, target_ids = batch.target_positions()
     logits = logits_at(model, batch.tokens, batch.attention_mask, (rows, pred_pos), prefix)  # [n, vocab]
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(-1, target_ids[:, None]).squeeze(-1), rows
+    # lm_head may sit on another device than the embeddings (device_map)
+    return logprobs.gather(-1, target_ids[:, None].to(logprobs.device)).squeeze(-1), rows.to(logprobs.device)
 
 
 def sequence_logprobs(model, batch: TokenBatch,
