@@ -334,3 +334,17 @@ def test_saved_runs_resume_across_config_fields_that_do_not_change_results():
     faster = {**now, "config": {**now["config"], "eval_batch_size": 64, "prefix_cache_mb": 0.0}}
     assert same_settings(faster, now)
     assert not same_settings({**now, "config": {**now["config"], "k": 3}}, now)
+
+
+def test_saved_runs_resume_across_baseline_options_added_since():
+    import dataclasses
+
+    from lofit_lens.baselines.base import BaselineOptions
+    from lofit_lens.baselines.compare import same_settings
+    from lofit_lens.config import LoFiTConfig
+
+    now = {"model": "m", "config": LoFiTConfig(k=2).to_dict(),
+           "options": dataclasses.asdict(BaselineOptions())}
+    older = {**now, "options": {"iti_alpha": now["options"]["iti_alpha"]}}
+    assert same_settings(older, now)  # written before the other options existed
+    assert not same_settings({**now, "options": {"iti_alpha": 1.0}}, now)

@@ -208,15 +208,16 @@ def _remote_cells(run_cells: Executor, model, jobs, out: Optional[Path],
 
 def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
     """Whether a saved run's settings are the current ones, up to the config fields that do
-    not change results (``config.NON_RESULT_FIELDS``) and fields added since (read
-    at their defaults), so folders written by earlier versions keep resuming."""
+    not change results (``config.NON_RESULT_FIELDS``) and config or option fields added
+    since (read at their defaults), so folders written by earlier versions keep resuming."""
     def normal(settings: dict[str, Any]) -> dict[str, Any]:
         try:
             config = LoFiTConfig.from_dict(settings.get("config", {})).to_dict()
         except (TypeError, ValueError):
             return settings
         config = {k: v for k, v in config.items() if k not in NON_RESULT_FIELDS}
-        return jsonable({**settings, "config": config})
+        options = {**dataclasses.asdict(BaselineOptions()), **settings.get("options", {})}
+        return jsonable({**settings, "config": config, "options": options})
 
     return normal(saved) == normal(current)
 
