@@ -216,6 +216,29 @@ def notebook_violations(source: str, public: set[str], label: str) -> list[str]:
     return bad
 
 
+def undefined_names(source: str) -> list[str]:
+    """Names a notebook reads but never binds (not an assignment, import, def, argument,
+    loop or ``with`` target anywhere, nor a builtin): what a kernel stops on with NameError."""
+    import builtins
+
+    tree = ast.parse(source)
+    bound = set(dir(builtins)) | {"display", "get_ipython"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return sorted({f"line {node.lineno}: {node.id}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+                   and node.id not in bound})
+
+
 # ---------------------------------------------------------------------- the graph of this tree
 @pytest.fixture(scope="module")
 def edges() -> list[Import]:
@@ -288,6 +311,18 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 def test_notebooks_use_only_the_public_api(path):
     bad = notebook_violations(notebook_code(path), public_names(), path.name)
     assert not bad, "notebooks use only `import lofit_lens as ll` and lofit_lens.__all__:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebooks_bind_every_name_they_read(path):
+    missing = undefined_names(notebook_code(path))
+    assert not missing, f"{path.name} reads names it never defines or imports:\n" + "\n".join(missing)
+
+
+def test_undefined_names_finds_a_name_never_bound():
+    assert undefined_names("import lofit_lens as ll\nm = ll.x\nn = model_dims(m)") == [
+        "line 3: model_dims"]
+    assert undefined_names("for i in range(2):\n    print(i)\nf = lambda x: x\n") == []
 
 
 # ---------------------------------------------------------------------- the helpers themselves
