@@ -114,6 +114,21 @@ def test_compare_writes_tables_and_resumes_without_retraining(tiny_model, task_f
                 **{**TINY, "k": 3})
 
 
+def test_compare_keeps_per_question_scores_and_bootstraps_mc2(mc_run):
+    """Every run keeps its per-question scores, whose means are its metrics, so MC2 and MC3
+    get a bootstrap interval over questions (not "-")."""
+    frame, out = mc_run
+    for card in (out / "runs").glob("*.json"):
+        run = json.loads(card.read_text())
+        kept = run["per_example"][run["split"]]
+        for m in ("mc1", "mc2", "mc3"):
+            assert np.mean(kept[m]) == pytest.approx(run["metrics"][run["split"]][m])
+    assert frame.attrs["ci"]["mc2"] == "bootstrap over questions"
+    for m in ("mc2", "mc3"):
+        assert (frame[f"{m}_ci_low"] <= frame[f"{m}_mean"] + 1e-12).all()
+        assert (frame[f"{m}_mean"] <= frame[f"{m}_ci_high"] + 1e-12).all()
+
+
 def test_every_saved_intervention_reloads_and_scores_the_same(tiny_model, task_files, mc_run):
     """compare saves each method's intervention (one store format); reloaded, it gives the
     metrics the run recorded."""

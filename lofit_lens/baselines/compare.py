@@ -240,14 +240,25 @@ def _run(ctx: RunContext, name: str, fold: Optional[int]) -> tuple[Cell, Optiona
     if run.info.get("uses_probes") and probes_fitted_before is not None:
         seconds += probes_fitted_before  # probes were shared from an earlier method
     start = time.perf_counter()
-    metrics, _ = split_metrics(ctx.model, ctx.task, ctx.cfg.eval_splits, ctx.cfg.max_eval_examples,
-                               run.intervention, ctx.cfg.eval_batch_size, ctx.progress, label=name)
+    metrics, predictions = split_metrics(ctx.model, ctx.task, ctx.cfg.eval_splits,
+                                         ctx.cfg.max_eval_examples, run.intervention,
+                                         ctx.cfg.eval_batch_size, ctx.progress, label=name)
     return {
         "method": name, "task": ctx.task.name, "seed": ctx.cfg.seed, "fold": fold,
         "split": ctx.cfg.eval_splits[0], "metrics": metrics, "params": run.params,
         "seconds": seconds, "eval_seconds": time.perf_counter() - start,
         "heads": None if run.heads is None else [list(h) for h in run.heads], "info": run.info,
+        "per_example": {split: per_example_scores(rows) for split, rows in predictions.items()},
     }, run.intervention
+
+
+def per_example_scores(rows: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each example's score per metric, in test order: ``exact_match`` (0/1) for generation,
+    ``mc1``/``mc2``/``mc3`` for multiple choice; what the paired tests and the bootstrap
+    intervals of ``summary_table`` read."""
+    if rows and "mc2" in rows[0]:
+        return {m: [float(row[m]) for row in rows] for m in ("mc1", "mc2", "mc3")}
+    return {"exact_match": [float(row["correct"]) for row in rows]}
 
 
 def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame:
