@@ -6,6 +6,7 @@ tests run in milliseconds and still exercise the per-query-head ``hook_z`` path.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -121,3 +122,21 @@ def tiny_task_file(tmp_path_factory) -> Path:
         row["split"] = "train" if i < 24 else ("val" if i < 32 else "test")
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
+
+
+def arithmetic_task(folder: Path, name: str, answer):
+    """A 16-row file task "Q: i? A:" -> " answer(i)" (12 train, 4 test rows)."""
+    from lofit_lens.tasks.file_task import FileTask
+
+    rows = [{"prompt": f"Q: {i}? A:", "answer": f" {answer(i)}",
+             "split": "train" if i < 12 else "test"} for i in range(16)]
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return FileTask(path, max_new_tokens=3)
+
+
+@pytest.fixture
+def arithmetic_tasks(tmp_path):
+    """Two small generated tasks for the sweeps: doubling and successor."""
+    return [arithmetic_task(tmp_path, "double", lambda i: 2 * i),
+            arithmetic_task(tmp_path, "succ", lambda i: i + 1)]

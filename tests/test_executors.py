@@ -5,7 +5,6 @@ rerun, not lost."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -79,32 +78,17 @@ def folder_model(tmp_path_factory, tiny_tokenizer):
     return load_model(str(folder), device="cpu")
 
 
-def _task(folder: Path, name: str, answer):
-    from lofit_lens.tasks.file_task import FileTask
-
-    rows = [{"prompt": f"Q: {i}? A:", "answer": f" {answer(i)}",
-             "split": "train" if i < 12 else "test"} for i in range(16)]
-    path = folder / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return FileTask(path, max_new_tokens=3)
-
-
-@pytest.fixture
-def tasks(tmp_path):
-    return [_task(tmp_path, "double", lambda i: 2 * i), _task(tmp_path, "succ", lambda i: i + 1)]
-
-
 def _v(card: str) -> torch.Tensor:
     return load_file(str(Path(card).with_suffix(".safetensors")))["bias"]
 
 
-def test_transfer_matrix_on_ray_matches_local(ray_local, folder_model, tasks, tmp_path):
+def test_transfer_matrix_on_ray_matches_local(ray_local, folder_model, arithmetic_tasks, tmp_path):
     from lofit_lens.analysis.transfer import transfer_matrix
 
     torch.set_num_threads(1)
     kwargs = dict(k=2, progress=False, n_bootstrap=50, **BUDGET)
-    local = transfer_matrix(folder_model, tasks, cache_dir=tmp_path / "local", **kwargs)
-    remote = transfer_matrix(folder_model, tasks, cache_dir=tmp_path / "ray", executor="ray", **kwargs)
+    local = transfer_matrix(folder_model, arithmetic_tasks, cache_dir=tmp_path / "local", **kwargs)
+    remote = transfer_matrix(folder_model, arithmetic_tasks, cache_dir=tmp_path / "ray", executor="ray", **kwargs)
     assert remote.heads == local.heads
     cols = ["source", "target", "accuracy", "n_eval", "k", "cached"]
     assert remote.cells[cols].equals(local.cells[cols])
@@ -113,34 +97,34 @@ def test_transfer_matrix_on_ray_matches_local(ray_local, folder_model, tasks, tm
         assert str(tmp_path / "ray") in b
         torch.testing.assert_close(_v(b), _v(a), atol=1e-6, rtol=0)
     # a cluster resumes what a laptop started: every cell of the local cache is read back
-    resumed = transfer_matrix(folder_model, tasks, cache_dir=tmp_path / "local", executor="ray",
+    resumed = transfer_matrix(folder_model, arithmetic_tasks, cache_dir=tmp_path / "local", executor="ray",
                               **kwargs)
     assert resumed.cells["cached"].all()
     assert resumed.cells[cols[:-1]].equals(local.cells[cols[:-1]])
 
 
-def test_sweeps_and_compare_on_ray_match_local(ray_local, folder_model, tasks, tmp_path):
+def test_sweeps_and_compare_on_ray_match_local(ray_local, folder_model, arithmetic_tasks, tmp_path):
     from lofit_lens.analysis.sweeps import data_efficiency, k_sweep
     from lofit_lens.baselines.compare import compare
 
     torch.set_num_threads(1)
     shown = ["method", "fraction", "k", "accuracy", "n_eval"]
     run = dict(progress=False, **{k: v for k, v in BUDGET.items()})
-    local = k_sweep(folder_model, tasks[0], [0.1, 0.5], cache_dir=tmp_path / "l", **run)
-    remote = k_sweep(folder_model, tasks[0], [0.1, 0.5], cache_dir=tmp_path / "r",
+    local = k_sweep(folder_model, arithmetic_tasks[0], [0.1, 0.5], cache_dir=tmp_path / "l", **run)
+    remote = k_sweep(folder_model, arithmetic_tasks[0], [0.1, 0.5], cache_dir=tmp_path / "r",
                      executor="ray", **run)
     assert remote[shown].equals(local[shown])
     run.pop("max_train_examples")
-    local = data_efficiency(folder_model, tasks[1], [4, 8], k=2, cache_dir=tmp_path / "l", **run)
-    remote = data_efficiency(folder_model, tasks[1], [4, 8], k=2, cache_dir=tmp_path / "r",
+    local = data_efficiency(folder_model, arithmetic_tasks[1], [4, 8], k=2, cache_dir=tmp_path / "l", **run)
+    remote = data_efficiency(folder_model, arithmetic_tasks[1], [4, 8], k=2, cache_dir=tmp_path / "r",
                              executor="ray", **run)
     shown = ["method", "size", "n_train", "k", "accuracy"]
     assert remote[shown].equals(local[shown])
     settings = dict(methods=["zero_shot", "random", "lofit"], seeds=[0, 1], k=2, epochs=1,
                     max_train_examples=8, max_eval_examples=3, progress=False,
                     max_val_examples=0, batch_size=4)
-    a = compare(folder_model, tasks[0], out=tmp_path / "cl", **settings)
-    b = compare(folder_model, tasks[0], out=tmp_path / "cr", executor="ray", **settings)
+    a = compare(folder_model, arithmetic_tasks[0], out=tmp_path / "cl", **settings)
+    b = compare(folder_model, arithmetic_tasks[0], out=tmp_path / "cr", executor="ray", **settings)
     numbers = [c for c in a.columns if c.endswith("_mean")] + ["params", "runs"]
     assert b[["method", *numbers]].equals(a[["method", *numbers]])
     for stem in ("random-seed1", "lofit-seed0"):
@@ -169,11 +153,11 @@ def dies_once(model, item: DiesOnce):
     return run_item(model, item.inner), int(marker.read_text()), os.getpid()
 
 
-def test_a_killed_workers_cell_is_rerun(ray_local, folder_model, tasks, tmp_path):
+def test_a_killed_workers_cell_is_rerun(ray_local, folder_model, arithmetic_tasks, tmp_path):
     from lofit_lens.analysis.sweeps import BiasItem, run_item
     from lofit_lens.training import resolve_run
 
-    task, cfg = resolve_run(tasks[0], None, {**BUDGET, "seed": 0})
+    task, cfg = resolve_run(arithmetic_tasks[0], None, {**BUDGET, "seed": 0})
     item = BiasItem(task, cfg, [(0, 1), (2, 3)], tmp_path / "cache")
     [(record, killed_pid, pid)] = RayExecutor(max_retries=2).map(
         dies_once, folder_model, [DiesOnce(str(tmp_path / "marker"), item)])

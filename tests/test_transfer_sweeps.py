@@ -20,7 +20,6 @@ from lofit_lens.analysis.plotting import save_figure
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.store import settings_key
 from lofit_lens.analysis.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
-from lofit_lens.tasks.file_task import FileTask
 from lofit_lens.training import TrainingSet
 from lofit_lens.analysis.transfer import (
     compare_to_same_task,
@@ -33,19 +32,6 @@ torch.set_num_threads(1)
 
 BUDGET = dict(epochs_select=1, epochs_bias=1, max_train_examples=8, max_val_examples=0,
               max_eval_examples=3, batch_size=4)
-
-
-def _task(folder, name, answer):
-    rows = [{"prompt": f"Q: {i}? A:", "answer": f" {answer(i)}",
-             "split": "train" if i < 12 else "test"} for i in range(16)]
-    path = folder / f"{name}.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return FileTask(path, max_new_tokens=3)
-
-
-@pytest.fixture
-def tasks(tmp_path):
-    return [_task(tmp_path, "double", lambda i: 2 * i), _task(tmp_path, "succ", lambda i: i + 1)]
 
 
 @pytest.fixture
@@ -103,7 +89,7 @@ def test_random_heads_seeded_and_distinct():
 
 
 # ---------------------------------------------------------------------- transfer
-def test_transfer_matrix_encodes_each_task_once(tiny_model, tasks, tmp_path, monkeypatch):
+def test_transfer_matrix_encodes_each_task_once(tiny_model, arithmetic_tasks, tmp_path, monkeypatch):
     built = []
     build = TrainingSet.build.__func__
 
@@ -112,14 +98,14 @@ def test_transfer_matrix_encodes_each_task_once(tiny_model, tasks, tmp_path, mon
         return build(cls, model, task, cfg)
 
     monkeypatch.setattr(TrainingSet, "build", classmethod(counting))
-    transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path, n_bootstrap=10,
+    transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path, n_bootstrap=10,
                     progress=False, **BUDGET)
     # once per task, shared by its head selection and its 3 cells
     assert sorted(built) == ["double", "succ"]
 
 
-def test_transfer_matrix_shapes_cache_and_resume(tiny_model, tasks, tmp_path, calls):
-    res = transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path / "cache",
+def test_transfer_matrix_shapes_cache_and_resume(tiny_model, arithmetic_tasks, tmp_path, calls):
+    res = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path / "cache",
                           n_bootstrap=50, progress=False, **BUDGET)
     assert list(res.accuracy.index) == ["double", "succ", "random"]
     assert list(res.accuracy.columns) == ["double", "succ"]
@@ -136,7 +122,7 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, tasks, tmp_path, ca
     assert len(cell["correct"]) == 3 and cell["settings"]["epochs_bias"] == 1
     assert len(list((tmp_path / "cache" / "tiny-llama").glob("*/s0/select-*/*.safetensors"))) == 2
 
-    again = transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path / "cache",
+    again = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path / "cache",
                             n_bootstrap=50, progress=False, **BUDGET)
     assert calls == {"select": 2, "tune": 6}  # nothing recomputed
     assert again.cells["cached"].all()
@@ -144,7 +130,7 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, tasks, tmp_path, ca
     assert again.heads == res.heads
 
 
-def test_interrupted_transfer_resumes_only_missing_cells(tiny_model, tasks, tmp_path, calls,
+def test_interrupted_transfer_resumes_only_missing_cells(tiny_model, arithmetic_tasks, tmp_path, calls,
                                                          monkeypatch):
     real = run_cache.tune_biases
 
@@ -155,40 +141,40 @@ def test_interrupted_transfer_resumes_only_missing_cells(tiny_model, tasks, tmp_
 
     monkeypatch.setattr(run_cache, "tune_biases", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path, progress=False, **BUDGET)
+        transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path, progress=False, **BUDGET)
     monkeypatch.setattr(run_cache, "tune_biases", real)
     calls.update(select=0, tune=0)
-    res = transfer_matrix(tiny_model, tasks, k=2, cache_dir=tmp_path, progress=False, **BUDGET)
+    res = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path, progress=False, **BUDGET)
     assert calls == {"select": 0, "tune": 3}  # 2 cells and both selections were on disk
     assert res.cells["cached"].sum() == 3
     assert not list(tmp_path.rglob("*.partial"))
 
 
-def test_other_settings_are_not_reused(tiny_model, tasks, tmp_path, calls):
-    transfer_matrix(tiny_model, tasks[:1], k=2, cache_dir=tmp_path, random_heads=False,
+def test_other_settings_are_not_reused(tiny_model, arithmetic_tasks, tmp_path, calls):
+    transfer_matrix(tiny_model, arithmetic_tasks[:1], k=2, cache_dir=tmp_path, random_heads=False,
                     progress=False, **BUDGET)
     assert calls == {"select": 1, "tune": 1}
-    transfer_matrix(tiny_model, tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
+    transfer_matrix(tiny_model, arithmetic_tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
                     progress=False, **BUDGET)
     assert calls == {"select": 1, "tune": 2}  # same selection, other heads
-    transfer_matrix(tiny_model, tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
+    transfer_matrix(tiny_model, arithmetic_tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
                     progress=False, **{**BUDGET, "epochs_select": 2})
     # a new selection; its cell is reused only if it picked the very same heads
     assert calls["select"] == 2
     tuned = calls["tune"]
-    transfer_matrix(tiny_model, tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
+    transfer_matrix(tiny_model, arithmetic_tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
                     progress=False, seed=1, **BUDGET)
     assert calls == {"select": 3, "tune": tuned + 1}
-    transfer_matrix(tiny_model, tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
+    transfer_matrix(tiny_model, arithmetic_tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
                     progress=False, **{**BUDGET, "max_eval_examples": 2})
     assert calls == {"select": 3, "tune": tuned + 2}  # same training, other evaluation set
 
 
-def test_task_overrides_and_sources(tiny_model, tasks, tmp_path):
+def test_task_overrides_and_sources(tiny_model, arithmetic_tasks, tmp_path):
     with pytest.raises(ValueError, match="unknown tasks"):
-        transfer_matrix(tiny_model, tasks, cache_dir=tmp_path, progress=False,
+        transfer_matrix(tiny_model, arithmetic_tasks, cache_dir=tmp_path, progress=False,
                         task_overrides={"nope": {}}, **BUDGET)
-    res = transfer_matrix(tiny_model, tasks[1:], sources=tasks[:1], k=2, cache_dir=tmp_path,
+    res = transfer_matrix(tiny_model, arithmetic_tasks[1:], sources=arithmetic_tasks[:1], k=2, cache_dir=tmp_path,
                           random_heads=False, progress=False,
                           task_overrides={"succ": {"max_eval_examples": 2}}, **BUDGET)
     # the target's own heads are added as the reference row
@@ -202,26 +188,26 @@ def test_settings_key_is_order_free():
 
 
 # ---------------------------------------------------------------------- sweeps
-def test_k_sweep_shares_cells_and_resumes(tiny_model, tasks, tmp_path, calls):
-    frame = k_sweep(tiny_model, tasks[0], fractions=(0.01, 0.1, 0.5), cache_dir=tmp_path,
+def test_k_sweep_shares_cells_and_resumes(tiny_model, arithmetic_tasks, tmp_path, calls):
+    frame = k_sweep(tiny_model, arithmetic_tasks[0], fractions=(0.01, 0.1, 0.5), cache_dir=tmp_path,
                     random_heads_too=True, progress=False, **BUDGET)
     lofit = frame[frame["method"] == "lofit"]
     assert list(lofit["k"]) == [1, 1, 6]  # 12 heads: 1% and 10% both round to one head
     assert lofit["file"].iloc[0] == lofit["file"].iloc[1]
     assert set(frame["method"]) == {"lofit", "random", "zero_shot"}
     assert calls == {"select": 1, "tune": 4}
-    again = k_sweep(tiny_model, tasks[0], fractions=(0.01, 0.1, 0.5), cache_dir=tmp_path,
+    again = k_sweep(tiny_model, arithmetic_tasks[0], fractions=(0.01, 0.1, 0.5), cache_dir=tmp_path,
                     random_heads_too=True, progress=False, **BUDGET)
     assert calls == {"select": 1, "tune": 4} and again["cached"].all()
     assert len(plot_k_sweep(pd.concat([frame, again])).data) >= 2
 
 
-def test_cells_are_shared_between_analyses(tiny_model, tasks, tmp_path, calls):
-    res = transfer_matrix(tiny_model, tasks[:1], k=2, cache_dir=tmp_path, progress=False,
+def test_cells_are_shared_between_analyses(tiny_model, arithmetic_tasks, tmp_path, calls):
+    res = transfer_matrix(tiny_model, arithmetic_tasks[:1], k=2, cache_dir=tmp_path, progress=False,
                           **BUDGET)
     assert calls == {"select": 1, "tune": 2}
     # 2 of 12 heads: the same-task cell is K sweep's lofit point, the random row its random one
-    frame = k_sweep(tiny_model, tasks[0], fractions=(2 / 12,), random_heads_too=True,
+    frame = k_sweep(tiny_model, arithmetic_tasks[0], fractions=(2 / 12,), random_heads_too=True,
                     cache_dir=tmp_path, progress=False, **BUDGET)
     assert calls == {"select": 1, "tune": 2}
     by_method = frame.set_index("method")["accuracy"]
@@ -229,14 +215,14 @@ def test_cells_are_shared_between_analyses(tiny_model, tasks, tmp_path, calls):
     assert by_method["random"] == res.accuracy.loc["random", "double"]
 
 
-def test_data_efficiency_points(tiny_model, tasks, tmp_path, calls):
-    frame = data_efficiency(tiny_model, tasks[1], sizes=(4, 8, 100), k=2, cache_dir=tmp_path,
+def test_data_efficiency_points(tiny_model, arithmetic_tasks, tmp_path, calls):
+    frame = data_efficiency(tiny_model, arithmetic_tasks[1], sizes=(4, 8, 100), k=2, cache_dir=tmp_path,
                             progress=False, **BUDGET)
     lofit = frame[frame["method"] == "lofit"]
     assert list(lofit["n_train"]) == [4, 8, 12]  # 100 > the 12 training rows: all of them
     assert calls == {"select": 3, "tune": 3}
     assert frame.loc[frame["method"] == "zero_shot", "n_train"].tolist() == [0]
-    data_efficiency(tiny_model, tasks[1], sizes=(4, 8, 100), k=2, cache_dir=tmp_path,
+    data_efficiency(tiny_model, arithmetic_tasks[1], sizes=(4, 8, 100), k=2, cache_dir=tmp_path,
                     progress=False, **BUDGET)
     assert calls == {"select": 3, "tune": 3}
     fig = plot_data_efficiency(frame)
@@ -340,11 +326,11 @@ def test_protocol_comparison_table_beside_the_paper():
     assert "clutrr 1.0 min" in text
 
 
-def test_public_head_selection_is_cached_and_matches_the_lower_api(tiny_model, tasks, tmp_path, calls):
+def test_public_head_selection_is_cached_and_matches_the_lower_api(tiny_model, arithmetic_tasks, tmp_path, calls):
     import lofit_lens as ll
 
-    first = ll.head_selection(tiny_model, tasks[0], k=2, seed=0, cache_dir=tmp_path, progress=False, **BUDGET)
-    again = ll.head_selection(tiny_model, tasks[0], k=2, seed=0, cache_dir=tmp_path, progress=False, **BUDGET)
+    first = ll.head_selection(tiny_model, arithmetic_tasks[0], k=2, seed=0, cache_dir=tmp_path, progress=False, **BUDGET)
+    again = ll.head_selection(tiny_model, arithmetic_tasks[0], k=2, seed=0, cache_dir=tmp_path, progress=False, **BUDGET)
     assert calls["select"] == 1 and first.selected_heads == again.selected_heads and first.k == 2
     assert torch.equal(first.head_scores, again.head_scores) and not first.bias.any()
     rand = ll.random_selection(tiny_model, 2, seed=0)

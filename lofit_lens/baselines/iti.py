@@ -27,7 +27,6 @@ offline; the CSV's correct and incorrect answers stand in for them (docs/protoco
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Sequence
@@ -39,10 +38,8 @@ from jaxtyping import Float, Int
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from lofit_lens.batching import check_fits, collate, context_length, encode_pair, pad_id
-from lofit_lens.backends.hooked import (
-    ModelDims, attached_hooks, hf_tokenizer, hook_z_name, model_device, model_dims,
-)
+from lofit_lens.baselines.activations import last_token_activations
+from lofit_lens.backends.hooked import ModelDims, hook_z_name, model_dims
 from lofit_lens.intervention import Head, HeadIntervention, register_intervention, top_heads
 from lofit_lens.eval.positions import current_answer_index
 from lofit_lens.tasks.base import ChoiceExample, Example, GenerationExample, Task
@@ -98,29 +95,12 @@ def _other_answer(ex: GenerationExample, examples: Sequence[Example], rng: rando
     return [rng.choice(wrong)] if wrong else []
 
 
-@torch.no_grad()
 def head_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
                      joint: bool = False) -> Float[Tensor, "n layer head d_head"]:
     """``hook_z`` of every head at the last token of prompt + answer (right-padded batches;
     ``joint``: the two tokenised as one string, as honest_llama does)."""
-    tok, dims = hf_tokenizer(model), model_dims(model)
-    encoded = [encode_pair(tok, p, a, joint=joint) for p, a in pairs]
-    check_fits(encoded, context_length(model), "ITI probe", [p for p, _ in pairs])
-    out = torch.zeros(len(encoded), dims.n_layers, dims.n_heads, dims.d_head)
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start:start + batch_size], pad_id(tok)).to(model_device(model))
-        last = batch.attention_mask.sum(dim=1) - 1
-        rows = torch.arange(len(last), device=last.device)
-        box: dict[int, Tensor] = {}
-
-        def capture(z: Float[Tensor, "batch pos head d_head"], hook, layer: int) -> None:
-            box[layer] = z[rows, last].float().cpu()
-
-        hooks = [(hook_z_name(l), functools.partial(capture, layer=l)) for l in range(dims.n_layers)]
-        with attached_hooks(model, hooks):
-            model(batch.tokens, attention_mask=batch.attention_mask, return_type=None)
-        out[start:start + len(last)] = torch.stack([box[l] for l in range(dims.n_layers)], dim=1)
-    return out
+    names = [hook_z_name(layer) for layer in range(model_dims(model).n_layers)]
+    return last_token_activations(model, pairs, names, batch_size, joint, what="ITI probe")
 
 
 def fit_probes(acts: Float[Tensor, "n layer head d_head"], labels: Int[Tensor, " n"],

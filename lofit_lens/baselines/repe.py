@@ -37,10 +37,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from lofit_lens.backends.hooked import attached_hooks, hf_tokenizer, model_device
+from lofit_lens.backends.hooked import attached_hooks, model_device
 from lofit_lens.baselines.iti import Statements, VAL_FRACTION, statements
 from lofit_lens.baselines.reft import ResidualDims, residual_dims, resid_post_name
-from lofit_lens.batching import check_fits, collate, context_length, encode_pair, pad_id
+from lofit_lens.baselines.activations import last_token_activations
 from lofit_lens.intervention import register_intervention
 from lofit_lens.tasks.base import Example, Task
 
@@ -61,29 +61,12 @@ class Reading:
 
 
 # ---------------------------------------------------------------------- reading
-@torch.no_grad()
 def residual_activations(model, pairs: Sequence[tuple[str, str]], batch_size: int = 16,
                          joint: bool = False) -> Float[Tensor, "n layer d_model"]:
     """``hook_resid_post`` of every layer at the last token of prompt + answer (right-padded
     batches; ``joint``: tokenised as one string, as the official protocol does)."""
-    tok, dims = hf_tokenizer(model), residual_dims(model)
-    encoded = [encode_pair(tok, p, a, joint=joint) for p, a in pairs]
-    check_fits(encoded, context_length(model), "RepE reading", [p for p, _ in pairs])
-    out = torch.zeros(len(encoded), dims.n_layers, dims.d_model)
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start:start + batch_size], pad_id(tok)).to(model_device(model))
-        last = batch.attention_mask.sum(dim=1) - 1
-        rows = torch.arange(len(last), device=last.device)
-        box: dict[int, Tensor] = {}
-
-        def capture(resid: Tensor, hook, layer: int) -> None:
-            box[layer] = resid[rows, last].float().cpu()
-
-        hooks = [(resid_post_name(l), functools.partial(capture, layer=l)) for l in range(dims.n_layers)]
-        with attached_hooks(model, hooks):
-            model(batch.tokens, attention_mask=batch.attention_mask, return_type=None)
-        out[start:start + len(last)] = torch.stack([box[l] for l in range(dims.n_layers)], dim=1)
-    return out
+    names = [resid_post_name(layer) for layer in range(residual_dims(model).n_layers)]
+    return last_token_activations(model, pairs, names, batch_size, joint, what="RepE reading")
 
 
 def contrast_pairs(found: Statements) -> list[tuple[int, int, int]]:
