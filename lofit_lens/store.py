@@ -55,6 +55,18 @@ def _partial(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.partial")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _readable_like_any_file(path: Path) -> None:
+    """Give ``path`` the mode a plain new file gets (0666 less the umask): safetensors
+    writes 0600, which other users of a shared cache folder (a Ray cluster) cannot read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` atomically: readers see the old file or the new one, never a part."""
     path = Path(path)
@@ -145,6 +157,7 @@ def save_artifact(folder: str | Path, tensors: Mapping[str, Tensor], card: Mappi
     tmp = _partial(tensor_path)
     save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
               str(tmp))
+    _readable_like_any_file(tmp)
     checksum = file_sha256(tmp)
     os.replace(tmp, tensor_path)
     full = {"format_version": FORMAT_VERSION, "kind": kind, **dict(card),

@@ -47,6 +47,13 @@ def test_artifact_round_trip_records_checksum_and_versions(tmp_path):
         load_artifact(tmp_path, kind="other", name="thing")
 
 
+def test_artifact_tensors_get_the_mode_of_any_new_file(tmp_path):
+    """safetensors writes 0600; a shared cache (Ray cluster) needs the umask's mode, as the card."""
+    card_path = save_artifact(tmp_path, {"v": torch.zeros(2)}, {}, kind="demo", name="thing")
+    tensor_mode = (tmp_path / "thing.safetensors").stat().st_mode & 0o777
+    assert tensor_mode == card_path.stat().st_mode & 0o777
+
+
 def test_settings_key_is_order_independent():
     assert settings_key({"a": 1, "b": [1, 2]}) == settings_key({"b": [1, 2], "a": 1})
     assert settings_key({"a": 1}) != settings_key({"a": 2})
