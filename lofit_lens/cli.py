@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 from lofit_lens.config import (
-    LoFiTConfig, add_config_arguments, config_flag_names, config_overrides,
+    LoFiTConfig, add_config_arguments, config_flag_names, config_overrides, parse_k,
 )
 from lofit_lens.errors import BrokenEnvironmentError, LoFiTLensError, TrainingDivergedError
 
@@ -297,10 +297,40 @@ def cmd_compare(args) -> int:
     _checked_task(args, cfg)
     model = _checked_model(args)
     settings = run_settings(args, model_dims(model).total_heads)
+    options = {name: tuple(value) if isinstance(value, list) else value
+               for name in _option_names() if (value := getattr(args, name)) is not None}
     frame = compare(model, args.task, methods=args.methods, seeds=args.seeds, out=args.out,
-                    progress=not args.quiet, **{**settings, "k": cfg.k})
+                    progress=not args.quiet, **{**settings, "k": cfg.k}, **options)
     print(markdown_table(frame))  # pandas' to_markdown needs tabulate
     return 0
+
+
+def _option_names() -> list[str]:
+    from lofit_lens.baselines.base import BaselineOptions
+
+    return list(BaselineOptions.__dataclass_fields__)
+
+
+def _option_type(name: str):
+    """The argparse type of a ``BaselineOptions`` field, from its default or annotation."""
+    from lofit_lens.baselines.base import BaselineOptions
+
+    if name == "repe_layers":
+        return parse_k  # a count or a share, as --k
+    default = BaselineOptions.__dataclass_fields__[name].default
+    return int if name == "reft_layers" or isinstance(default, int) else float
+
+
+def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """A ``--field-name`` flag per ``BaselineOptions`` field (default: the field's)."""
+    from lofit_lens.baselines.base import BaselineOptions
+
+    group = parser.add_argument_group("baseline options (BaselineOptions)")
+    for name in _option_names():
+        default = BaselineOptions.__dataclass_fields__[name].default
+        extra = {"nargs": "+"} if name == "reft_layers" else {}
+        group.add_argument("--" + name.replace("_", "-"), dest=name, type=_option_type(name),
+                           default=None, help=f"default: {default}", **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", type=int, nargs="+", default=[0],
                       help="seeds of the seeded methods (default 0)")
     comp.add_argument("--out", help="folder for the CSV/Markdown table and per-run results")
+    _add_option_arguments(comp)
     comp.set_defaults(func=cmd_compare)
     doc = sub.add_parser("doctor", help="check that this environment computes correct results")
     doc.add_argument("--model", default="smollm2-135m",

@@ -50,3 +50,16 @@ def test_compare_writes_its_table(tmp_path, tiny_model, tiny_task_file, monkeypa
     assert {"compare.csv", "compare.md"} <= {p.name for p in tmp_path.iterdir()}
     printed = capsys.readouterr().out
     assert "| random |" in printed and "| zero_shot |" in printed
+
+
+def test_compare_takes_the_baseline_options(tmp_path, tiny_model, tiny_task_file, monkeypatch):
+    """Every BaselineOptions field is a flag; given ones reach the runs (and their cards)."""
+    monkeypatch.setattr("lofit_lens.load_model", lambda *a, **k: tiny_model)
+    rc = main(["compare", "--task", str(tiny_task_file), "--methods", "zero_shot",
+               "--max-eval-examples", "2", "--out", str(tmp_path), "--quiet",
+               "--iti-alpha", "5", "--reft-layers", "0", "1", "--repe-layers", "2"])
+    assert rc == 0
+    card = json.loads((tmp_path / "runs" / "zero_shot-seed0.json").read_text())
+    options = card["settings"]["options"]
+    assert options["iti_alpha"] == 5.0 and options["reft_layers"] == [0, 1]
+    assert options["repe_layers"] == 2 and options["lora_rank"] == 8
