@@ -31,15 +31,16 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 from jaxtyping import Float, Int
 from scipy.stats import binom, binomtest, norm
 
+from lofit_lens.intervals import Scores, bootstrap_ci, wilson_ci  # noqa: F401 (re-exported)
+
 Alternative = Literal["greater", "less", "two-sided"]
 ALTERNATIVES = ("greater", "less", "two-sided")
-Scores = Union[Float[np.ndarray, " n"], Sequence[float]]
 Head = tuple[int, int]
 
 SUPPORTED = "supported"
@@ -51,12 +52,6 @@ def _check_alternative(alternative: str) -> str:
     if alternative not in ALTERNATIVES:
         raise ValueError(f"alternative={alternative!r}: expected one of {ALTERNATIVES}")
     return alternative
-
-
-def _z(confidence: float) -> float:
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence}: must lie in (0, 1)")
-    return float(norm.ppf(0.5 + confidence / 2))
 
 
 def _pair(a: Scores, b: Scores) -> tuple[Float[np.ndarray, " n"], Float[np.ndarray, " n"]]:
@@ -75,40 +70,6 @@ def _binary(x: Float[np.ndarray, " n"], name: str) -> Int[np.ndarray, " n"]:
 
 
 # ---------------------------------------------------------------------- intervals
-def wilson_ci(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of the proportion ``successes / n`` (no continuity correction).
-
-    ``successes`` may be fractional (a mean over seeds times ``n``). ``n = 0``: (nan, nan)."""
-    if n < 0 or successes < 0 or successes > n:
-        raise ValueError(f"wilson_ci: need 0 <= successes <= n, got {successes} of {n}")
-    if n == 0:
-        return (float("nan"), float("nan"))
-    z = _z(confidence)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def bootstrap_ci(values: Scores, confidence: float = 0.95, n_bootstrap: int = 10_000,
-                 seed: int = 0,
-                 statistic: Callable[[np.ndarray], np.ndarray] = lambda x: x.mean(axis=-1),
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic`` (default: the mean), resampling the
-    entries of ``values`` (one per example / question) with replacement.
-
-    ``statistic`` maps a ``(resample, n)`` array to one value per resample."""
-    values = np.asarray(values, dtype=float)
-    if values.ndim != 1 or len(values) == 0:
-        raise ValueError(f"bootstrap_ci needs a non-empty 1-d vector, got shape {values.shape}")
-    _z(confidence)
-    rng = np.random.default_rng(seed)
-    draws = statistic(values[rng.integers(0, len(values), size=(n_bootstrap, len(values)))])
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(draws, [tail, 1 - tail])
-    return (float(low), float(high))
-
-
 def paired_difference_ci(a: Scores, b: Scores, confidence: float = 0.95) -> tuple[float, float]:
     """Newcombe's (1998) method 10 interval for ``mean(a) - mean(b)`` of two paired 0/1
     vectors: the Wilson intervals of both proportions, combined with the estimated

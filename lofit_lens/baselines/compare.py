@@ -27,6 +27,7 @@ from lofit_lens.eval.evaluate import split_metrics
 from lofit_lens.executors import Executor, ExecutorLike, get_executor
 from lofit_lens.backends.hooked import model_id
 from lofit_lens.intervention import Intervention, rebuild_intervention
+from lofit_lens.intervals import bootstrap_ci, wilson_ci
 from lofit_lens.store import (
     artifact_exists, folder_lock, jsonable, load_artifact, read_json, save_artifact,
     write_text,
@@ -270,19 +271,8 @@ def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame
     over questions for the others (MC2, MC3), from the per-question scores a run keeps under
     ``per_example[split][m]`` (NaN when it kept none). ``frame.attrs["ci"]`` names the
     method per metric."""
-    z = 1.959963984540054  # two-sided 95%
-
     def wilson(p: float, n: int) -> tuple[float, float]:
-        if n <= 0 or not np.isfinite(p):
-            return float("nan"), float("nan")
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * np.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
-        return max(0.0, centre - half), min(1.0, centre + half)
-
-    def bootstrap(values: np.ndarray) -> tuple[float, float]:
-        draws = values[np.random.default_rng(0).integers(0, len(values), (2000, len(values)))]
-        low, high = np.quantile(draws.mean(axis=1), [0.025, 0.975])
-        return float(low), float(high)
+        return wilson_ci(p * n, n) if n > 0 and np.isfinite(p) else (float("nan"), float("nan"))
 
     rows, how = [], {}
     for name in methods:
@@ -317,7 +307,7 @@ def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame
                 if all(v is not None and len(v) for runs in kept for v in runs):
                     # per question: the mean over seeds; the folds' questions side by side
                     questions = np.concatenate([np.mean(np.array(runs, float), axis=0) for runs in kept])
-                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = bootstrap(questions)
+                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = bootstrap_ci(questions, n_bootstrap=2000)
                     how[m] = "bootstrap over questions"
                 else:
                     row[f"{m}_ci_low"] = row[f"{m}_ci_high"] = float("nan")
