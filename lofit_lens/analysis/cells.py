@@ -26,7 +26,7 @@ from torch import Tensor
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.eval.evaluate import evaluate
+from lofit_lens.eval.evaluate import evaluate, example_scores
 from lofit_lens.history import RunHistory, TrainingHistory
 from lofit_lens.intervention import Head
 from lofit_lens.result import LoFiTResult
@@ -134,8 +134,7 @@ def primary_metric(task: Task) -> str:
 
 def per_example(task: Task, rows: Sequence[Mapping[str, Any]]) -> list[float]:
     """0/1 correctness of each evaluated example under ``primary_metric``."""
-    key = "correct" if task.kind == "generation" else "mc1"
-    return [float(row[key]) for row in rows]
+    return example_scores(rows)[primary_metric(task)]
 
 
 def _evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,

@@ -64,7 +64,7 @@ from lofit_lens.baselines.methods import get_method
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.budgets import budget_settings
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.eval.evaluate import evaluate
+from lofit_lens.eval.evaluate import evaluate, example_scores
 from lofit_lens.intervention import Head
 from lofit_lens.run_settings import STEP2_FIELDS, eval_examples, eval_settings, step_settings
 from lofit_lens.tasks.base import Example, Task
@@ -140,9 +140,10 @@ def seed_subsets(task: Task, seeds: Sequence[int], n: Optional[int],
 def _scores(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Per-example scores: ``correct`` (the primary 0/1 metric: exact match or MC1) and, for
     multiple choice, ``mc2``."""
+    scores = example_scores(rows)
     if task.kind == "generation":
-        return {"correct": [float(r["correct"]) for r in rows]}
-    return {"correct": [float(r["mc1"]) for r in rows], "mc2": [float(r["mc2"]) for r in rows]}
+        return {"correct": scores["exact_match"]}
+    return {"correct": scores["mc1"], "mc2": scores["mc2"]}
 
 
 def _evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,

@@ -23,7 +23,7 @@ import pandas as pd
 from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig, parse_epochs
 from lofit_lens.baselines.base import BaselineOptions, RunContext
 from lofit_lens.baselines.methods import SEED_INDEPENDENT, get_method
-from lofit_lens.eval.evaluate import split_metrics
+from lofit_lens.eval.evaluate import example_scores, split_metrics
 from lofit_lens.executors import Executor, ExecutorLike, get_executor
 from lofit_lens.backends.hooked import model_id
 from lofit_lens.intervention import Intervention, rebuild_intervention
@@ -249,17 +249,8 @@ def _run(ctx: RunContext, name: str, fold: Optional[int]) -> tuple[Cell, Optiona
         "split": ctx.cfg.eval_splits[0], "metrics": metrics, "params": run.params,
         "seconds": seconds, "eval_seconds": time.perf_counter() - start,
         "heads": None if run.heads is None else [list(h) for h in run.heads], "info": run.info,
-        "per_example": {split: per_example_scores(rows) for split, rows in predictions.items()},
+        "per_example": {split: example_scores(rows) for split, rows in predictions.items()},
     }, run.intervention
-
-
-def per_example_scores(rows: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
-    """Each example's score per metric, in test order: ``exact_match`` (0/1) for generation,
-    ``mc1``/``mc2``/``mc3`` for multiple choice; what the paired tests and the bootstrap
-    intervals of ``summary_table`` read."""
-    if rows and "mc2" in rows[0]:
-        return {m: [float(row[m]) for row in rows] for m in ("mc1", "mc2", "mc3")}
-    return {"exact_match": [float(row["correct"]) for row in rows]}
 
 
 def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame:

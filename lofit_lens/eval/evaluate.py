@@ -98,3 +98,11 @@ def split_metrics(model, task: Task, splits: Sequence[str], max_examples: Option
             model, task, rows, intervention, batch_size, progress, desc=f"{label} {split}")
     return metrics, predictions
 
+
+def example_scores(rows: Predictions) -> dict[str, list[float]]:
+    """Each example's score per metric, in order, from ``evaluate``'s rows: ``exact_match``
+    (0/1) for generation, ``mc1``/``mc2``/``mc3`` for multiple choice. What paired tests and
+    bootstrap intervals read."""
+    if rows and "mc2" in rows[0]:
+        return {m: [float(row[m]) for row in rows] for m in ("mc1", "mc2", "mc3")}
+    return {"exact_match": [float(row["correct"]) for row in rows]}
