@@ -311,26 +311,32 @@ def _option_names() -> list[str]:
     return list(BaselineOptions.__dataclass_fields__)
 
 
-def _option_type(name: str):
-    """The argparse type of a ``BaselineOptions`` field, from its default or annotation."""
-    from lofit_lens.baselines.base import BaselineOptions
+def _option_argument(hint) -> dict:
+    """argparse ``type`` (and ``nargs``) for a ``BaselineOptions`` field's annotation:
+    ``int``, ``float``, ``Optional[...]`` of them, ``Union[int, float]`` (a count or a share,
+    read as ``--k``) and ``tuple[int, ...]`` (one or more numbers)."""
+    import typing
 
-    if name == "repe_layers":
-        return parse_k  # a count or a share, as --k
-    default = BaselineOptions.__dataclass_fields__[name].default
-    return int if name == "reft_layers" or isinstance(default, int) else float
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(args) == 1 and typing.get_origin(args[0]) is tuple:
+        return {"type": typing.get_args(args[0])[0], "nargs": "+"}
+    if set(args) == {int, float}:
+        return {"type": parse_k}
+    return {"type": args[0]}
 
 
 def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """A ``--field-name`` flag per ``BaselineOptions`` field (default: the field's)."""
+    import typing
+
     from lofit_lens.baselines.base import BaselineOptions
 
     group = parser.add_argument_group("baseline options (BaselineOptions)")
+    hints = typing.get_type_hints(BaselineOptions)
     for name in _option_names():
         default = BaselineOptions.__dataclass_fields__[name].default
-        extra = {"nargs": "+"} if name == "reft_layers" else {}
-        group.add_argument("--" + name.replace("_", "-"), dest=name, type=_option_type(name),
-                           default=None, help=f"default: {default}", **extra)
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                           help=f"default: {default}", **_option_argument(hints[name]))
 
 
 def build_parser() -> argparse.ArgumentParser:
