@@ -47,20 +47,43 @@ def _k(text: str) -> Union[int, float]:
     return int(value) if value.is_integer() and value >= 1 else value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = parser(MODULE, __doc__, k=None, seed=False)
-    p.set_defaults(budget="claims-quick", tasks=list(DEFAULT_TASKS), out=Path("analysis_out") / MODULE)
-    p.add_argument("--selection-only", action="store_true",
-                   help="head selections only (claims 3 and 4): no task is evaluated")
-    p.add_argument("--selection-tasks", nargs="+", default=list(DEFAULT_SELECTION_TASKS),
-                   choices=TASKS, help="tasks whose head sets claims 3 and 4 compare (selection "
-                                       "only; --tasks are always included; default all three)")
+def add_design_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The claims' design: budget claims-quick, the seeds, K and the test subset size."""
+    p.set_defaults(budget="claims-quick", tasks=list(DEFAULT_TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
                    help="at least 2; 3 or more for the claims about head selection (default 0 1 2)")
     p.add_argument("--k", type=_k, help="heads: a count or a share (default: the budget's)")
     p.add_argument("--n-test", type=int,
                    help="test examples per seed (default: the budget's max_eval_examples; the "
                         "seeds' subsets are disjoint)")
+    return p
+
+
+def design_options(args) -> dict:
+    """``replicate_claims`` / ``claim_figures`` keywords from the command line: the budget and
+    its overrides, seeds, K, test size, and each task's data options."""
+    task_overrides = {}
+    more = [*getattr(args, "selection_tasks", []), *getattr(args, "sources", [])]
+    for task in dict.fromkeys([*args.tasks, *more]):
+        extra = {"data_dir": args.data_dir} if args.data_dir else {}
+        if task == "truthfulqa":
+            extra["fold"] = args.truthfulqa_fold
+        if extra:
+            task_overrides[task] = {"extra": extra}
+    return {"budget": args.budget, "seeds": args.seeds, "cache_dir": args.cache, "k": args.k,
+            "n_test": args.n_test, "task_overrides": task_overrides,
+            "progress": not args.quiet, "log": lambda message: print(message, flush=True),
+            **config_overrides(args, BUDGET_FLAGS), "protocol": args.protocol}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = add_design_arguments(parser(MODULE, __doc__, k=None, seed=False))
+    p.set_defaults(out=Path("analysis_out") / MODULE)
+    p.add_argument("--selection-only", action="store_true",
+                   help="head selections only (claims 3 and 4): no task is evaluated")
+    p.add_argument("--selection-tasks", nargs="+", default=list(DEFAULT_SELECTION_TASKS),
+                   choices=TASKS, help="tasks whose head sets claims 3 and 4 compare (selection "
+                                       "only; --tasks are always included; default all three)")
     p.add_argument("--n-permutations", type=int, default=20_000)
     p.add_argument("--n-bootstrap", type=int, default=2000)
     return p
@@ -68,15 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> ClaimsReport:
     log = RunLog(MODULE, args)
-    given = config_overrides(args, BUDGET_FLAGS)
-    overrides = {**given, "protocol": args.protocol}
-    task_overrides = {}
-    for task in dict.fromkeys([*args.tasks, *args.selection_tasks]):
-        extra = {"data_dir": args.data_dir} if args.data_dir else {}
-        if task == "truthfulqa":
-            extra["fold"] = args.truthfulqa_fold
-        if extra:
-            task_overrides[task] = {"extra": extra}
     reports, files = [], []
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.models:
@@ -86,11 +100,8 @@ def run(args) -> ClaimsReport:
         start = time.perf_counter()
         report = replicate_claims(
             model, tasks=[] if args.selection_only else args.tasks,
-            selection_tasks=args.selection_tasks, budget=args.budget,
-            seeds=args.seeds, cache_dir=args.cache, k=args.k, n_test=args.n_test,
-            task_overrides=task_overrides, n_bootstrap=args.n_bootstrap,
-            n_permutations=args.n_permutations, progress=not args.quiet,
-            log=lambda message: print(message, flush=True), **overrides)
+            selection_tasks=args.selection_tasks, n_bootstrap=args.n_bootstrap,
+            n_permutations=args.n_permutations, **design_options(args))
         log.lap(f"claims {name}", start)
         files += report.save(args.out / slug(name))
         reports.append(report)

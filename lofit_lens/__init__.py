@@ -41,6 +41,7 @@ from lofit_lens.tasks import get_task, list_tasks, register_task  # noqa: E402
 from lofit_lens.training import select_heads, tune_biases  # noqa: E402
 from lofit_lens.analysis.transfer import transfer_matrix  # noqa: E402
 from lofit_lens.analysis.claims import ClaimsReport, replicate_claims  # noqa: E402
+from lofit_lens.analysis.claim_figures import ClaimFigures, claim_figures  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -54,5 +55,5 @@ __all__ = [
     "RunHistory", "RunTimings", "ArtifactError", "ConfigError", "OutputLockedError",
     "PromptTooLongError", "ResultExistsError", "TrainingDivergedError", "UnsupportedModelError",
     "head_selection", "random_selection", "ModelDims", "model_dims", "model_id", "BUDGETS",
-    "budget_settings", "ClaimsReport", "replicate_claims",
+    "budget_settings", "ClaimsReport", "replicate_claims", "ClaimFigures", "claim_figures",
 ]

@@ -13,6 +13,7 @@ import torch
 
 from lofit_lens.analysis import cells as run_cache
 from lofit_lens.analysis import claims
+from lofit_lens.analysis.claim_figures import claim_figures
 from lofit_lens.analysis.claims import (
     COLUMNS, band_test, band_width, finish_family, overlap_test, replicate_claims, seed_subsets,
 )
@@ -219,3 +220,85 @@ def test_selection_only_tests_claims_3_and_4(report, tiny_model, task_paths):
         assert row["effect"] == pytest.approx(full.loc[row["claim"], "effect"])
     assert only.accuracy.empty and len(only.selections) == 9
     assert "(no task evaluated)" in only.markdown()
+
+
+# ---------------------------------------------------------------------- Fig. 2/4/5 with CIs
+@pytest.fixture(scope="module")
+def figures(report, tiny_model, task_paths):
+    _, cache = report
+    return claim_figures(tiny_model, tasks=[task_paths["say"], task_paths["pick"]],
+                         sources=[task_paths["succ"]], budget="smoke", seeds=(0, 1, 2),
+                         cache_dir=cache, k=3, fractions=(0.1, 0.25, 0.5), sizes=(4, 8),
+                         log=None, **TINY)
+
+
+def test_claim_figures_read_the_claims_cells_back(report, figures):
+    result, _ = report
+    pooled = {name: frame[frame["seed"] == "pooled"].set_index(
+        ["task", *({"transfer": ["source"], "k_sweep": ["method", "k"],
+                    "data_efficiency": ["method", "size"]}[name])])
+        for name, frame in (("transfer", figures.transfer), ("k_sweep", figures.k_sweep),
+                            ("data_efficiency", figures.data_efficiency))}
+    acc = result.accuracy[(result.accuracy["seed"] == "pooled") & (result.accuracy["metric"] != "mc2")]
+    acc = acc.set_index(["task", "method"])["score"]
+    for task in ("say", "pick"):
+        other = "pick" if task == "say" else "say"
+        for source, method in ((task, "lofit"), (other, f"heads:{other}"), ("random", "random")):
+            row = pooled["transfer"].loc[(task, source)]
+            assert row["cached"] and row["accuracy"] == pytest.approx(acc[task, method])
+            assert row["n"] == 12 and row["ci_low"] <= row["accuracy"] <= row["ci_high"]
+        assert not pooled["transfer"].loc[(task, "succ"), "cached"]  # not a claims cell
+        # the budget's K (3) and training size (8) are the claims' LoFiT cells
+        assert pooled["k_sweep"].loc[(task, "lofit", 3), "cached"]
+        assert pooled["k_sweep"].loc[(task, "lofit", 3), "accuracy"] == pytest.approx(acc[task, "lofit"])
+        assert pooled["data_efficiency"].loc[(task, "lofit", 8), "cached"]
+        assert pooled["data_efficiency"].loc[(task, "lofit", 4), "n_train"] == 4
+        assert pooled["k_sweep"].loc[(task, "zero_shot", 0), "accuracy"] == pytest.approx(acc[task, "zero_shot"])
+
+
+def test_claim_figures_tests_and_holm(report, figures):
+    result, _ = report
+    details = result.details[result.details["claim"] == "2"].set_index("contrast")
+    transfer = figures.transfer[figures.transfer["seed"] == "pooled"]
+    tested = transfer[transfer["source"] != transfer["task"]]
+    assert len(tested) == 2 * 3 and (tested["reference"] != "").all()
+    np.testing.assert_allclose(tested["p_holm"], claims.stats.holm(tested["p"].to_list()))
+    for _, row in tested[tested["source"].isin(["say", "pick"])].iterrows():  # the claims' own p
+        assert row["p"] == pytest.approx(
+            details.loc[f"{row['task']} heads > {row['source']} heads on {row['task']}", "p"])
+    assert set(tested.loc[tested["p_holm"] < 0.05, "mark"]) <= {"*"}
+    for frame, reference in ((figures.k_sweep, "K=3"), (figures.data_efficiency, "n=8")):
+        pooled = frame[frame["seed"] == "pooled"]
+        points = pooled[(pooled["method"] == "lofit") & (pooled["reference"] != "")]
+        assert set(points["reference"]) == {reference}
+        assert len(points) == 2 * (len(frame[frame["method"] == "lofit"]["k" if reference == "K=3" else "size"].unique()) - 1)
+        np.testing.assert_allclose(points["p_holm"], claims.stats.holm(points["p"].to_list()))
+        assert len(frame[frame["seed"] != "pooled"]) == 3 * len(pooled)  # per-seed rows too
+
+
+def test_claim_figures_draw_intervals(figures, tmp_path):
+    figs = figures.figures()
+    assert set(figs) == {"fig2_transfer_tiny-llama", "fig5_k_sweep", "fig4_data_efficiency"}
+    sweep_line = figs["fig5_k_sweep"].data[0]
+    assert sweep_line.error_y.array is not None and len(sweep_line.error_y.array) == 3
+    heat = figs["fig2_transfer_tiny-llama"].data[0]
+    assert all("[" in text for row in heat.text for text in row)
+    paths = figures.save(tmp_path, formats=("html",))
+    assert {p.name for p in paths} >= {"transfer.csv", "k_sweep.csv", "data_efficiency.csv",
+                                       "fig5_k_sweep.html"}
+
+
+def test_claims_and_claim_figures_command_lines_share_the_design():
+    from analysis import claim_figures as figures_cli
+    from analysis import claims as claims_cli
+
+    argv = ["--models", "smollm2-135m", "--seeds", "0", "1", "--k", "0.1", "--truthfulqa-fold", "1"]
+    ours = figures_cli.build_parser().parse_args(argv)
+    a = claims_cli.design_options(claims_cli.build_parser().parse_args(argv))
+    b = figures_cli.design_options(ours)
+    a.pop("log"), b.pop("log")
+    assert a == b  # the same runs, so the figures read the claims' cells back
+    assert b["budget"] == "claims-quick" and b["seeds"] == [0, 1] and b["k"] == 0.1
+    assert b["task_overrides"] == {"truthfulqa": {"extra": {"fold": 1}}}
+    assert ours.fractions == [0.03, 0.1, 0.5] and ours.sizes == [16, 40]
+    assert figures_cli.build_parser().parse_args(argv + ["--sizes"]).sizes == []

@@ -35,6 +35,8 @@ def test_wilson_by_hand():
     assert stats.wilson_ci(8, 10) == pytest.approx((centre - half, centre + half))
     assert stats.wilson_ci(8, 10)[0] == pytest.approx(0.4902, abs=1e-4)  # textbook value
     assert all(math.isnan(x) for x in stats.wilson_ci(0, 0))
+    # no success / all successes: the bound is exactly 0 / 1, never a rounding residue above
+    assert stats.wilson_ci(0, 12)[0] == 0.0 and stats.wilson_ci(12, 12)[1] == 1.0
     with pytest.raises(ValueError):
         stats.wilson_ci(11, 10)
 

@@ -201,6 +201,45 @@ def iti_cell(model, task: Task, cfg: LoFiTConfig, cache_dir: Union[str, Path],
     return cached_record(cells_folder(model, task, cache_dir), "iti", settings, compute)
 
 
+def claim_runs(tasks: Sequence[str], budget: str, seeds: Sequence[int],
+               k: Union[int, float, None] = None, n_test: Optional[int] = None,
+               task_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+               log: Optional[Log] = None, **overrides) -> dict[tuple[str, int], tuple[Task, LoFiTConfig]]:
+    """``{(task, seed): (task restricted to the seed's test subset, config)}``: the runs of
+    the claims' design. Settings: the budget's for the task, then ``overrides``, then the
+    task's ``task_overrides``, then ``k`` (default: the budget's, else 3%). The budget's
+    ``max_eval_examples`` (or ``n_test``) is the size of each seed's subset
+    (``seed_subsets``)."""
+    seeds = sorted(seeds)
+    runs: dict[tuple[str, int], tuple[Task, LoFiTConfig]] = {}
+    for task_name in tasks:
+        settings = {**budget_settings(budget, str(task_name)), **overrides,
+                    **dict(task_overrides or {}).get(str(task_name), {})}
+        if k is not None:
+            settings["k"] = k
+        settings.setdefault("k", 0.03)
+        per_seed = settings.pop("max_eval_examples", None) if n_test is None else n_test
+        base, _ = resolve_run(task_name, None, {**settings, "seed": seeds[0]})
+        subsets = seed_subsets(base, seeds, per_seed, log)
+        for seed in seeds:
+            runs[task_name, seed] = resolve_run(subsets[seed], None, {
+                **settings, "seed": seed, "max_eval_examples": None})
+    return runs
+
+
+def claim_cell(model, task: Task, cfg: LoFiTConfig, heads: Optional[Sequence[Head]],
+               cache_dir: Union[str, Path], progress: bool = True,
+               data: Optional[Callable[[], TrainingSet]] = None) -> dict[str, Any]:
+    """One evaluated cell of the claims' design: v tuned on ``heads`` (``None``: the untouched
+    model), cached. Multiple-choice cells keep per-question MC2 too (``mc_bias_cell``);
+    generation cells are the figure modules' (``cells.bias_cell`` / ``zero_shot_cell``)."""
+    if task.kind != "generation":
+        return mc_bias_cell(model, task, cfg, heads, cache_dir, progress, data)
+    if heads is None:
+        return zero_shot_cell(model, task, cfg, cache_dir, progress)
+    return bias_cell(model, task, cfg, heads, cache_dir, progress, data)
+
+
 # ---------------------------------------------------------------------- claim 3: layer bands
 def band_width(counts: Int[np.ndarray, "... layer"], k: Optional[int] = None) -> Int[np.ndarray, "..."]:
     """The fewest consecutive layers that hold at least half (``ceil(k / 2)``) of a head set,
@@ -497,23 +536,8 @@ def replicate_claims(
     selection_tasks = list(dict.fromkeys([*tasks, *(selection_tasks or [])]))
     name = model_id(model)
     dims = model_dims(model)
-    extra_by_task = dict(task_overrides or {})
 
-    # --- runs: (task, seed) -> (task restricted to the seed's test subset, config)
-    runs: dict[tuple[str, int], tuple[Task, LoFiTConfig]] = {}
-    for task_name in selection_tasks:
-        settings = {**budget_settings(budget, str(task_name)), **overrides,
-                    **extra_by_task.get(str(task_name), {})}
-        if k is not None:
-            settings["k"] = k
-        settings.setdefault("k", 0.03)
-        per_seed = settings.pop("max_eval_examples", None) if n_test is None else n_test
-        base, _ = resolve_run(task_name, None, {**settings, "seed": seeds[0]})
-        subsets = seed_subsets(base, seeds, per_seed, say)
-        for seed in seeds:
-            task_obj, cfg = resolve_run(subsets[seed], None, {**settings, "seed": seed,
-                                                              "max_eval_examples": None})
-            runs[task_name, seed] = task_obj, cfg
+    runs = claim_runs(selection_tasks, budget, seeds, k, n_test, task_overrides, say, **overrides)
     labels = {t: runs[t, seeds[0]][0].name for t in selection_tasks}
     n_heads = runs[selection_tasks[0], seeds[0]][1].num_heads(dims.total_heads)
     data = {key: functools.cache(functools.partial(TrainingSet.build, model, *run))
@@ -543,15 +567,10 @@ def replicate_claims(
     for seed in seeds:
         for task_name in tasks:
             task_obj, cfg = runs[task_name, seed]
-            mc = task_obj.kind != "generation"
             builder = data[task_name, seed]
 
             def cell(heads_: Optional[Sequence[Head]]):
-                if mc:
-                    return mc_bias_cell(model, task_obj, cfg, heads_, cache_dir, progress, builder)
-                if heads_ is None:
-                    return zero_shot_cell(model, task_obj, cfg, cache_dir, progress)
-                return bias_cell(model, task_obj, cfg, heads_, cache_dir, progress, builder)
+                return claim_cell(model, task_obj, cfg, heads_, cache_dir, progress, builder)
 
             def keep(method: str, record: Mapping[str, Any]) -> None:
                 scores[method, task_name, seed] = {m: list(record[m]) for m in ("correct", "mc2")
@@ -666,10 +685,11 @@ def replicate_claims(
     # --- accuracy, selections, stability
     accuracy = []
     for task_name in tasks:
-        methods = list(METHODS) + [f"heads:{s}" for s in sources[task_name]]
-        for method in methods:
+        methods = {m: m for m in METHODS} | {f"heads:{s}": f"heads:{labels[s]}"
+                                              for s in sources[task_name]}
+        for method, shown in methods.items():  # a task file is shown by its name, not its path
             for metric in scores[method, task_name, seeds[0]]:
-                accuracy += _accuracy_rows(name, labels[task_name], method,
+                accuracy += _accuracy_rows(name, labels[task_name], shown,
                                            metric_name(task_name, metric),
                                            {s: scores[method, task_name, s][metric] for s in seeds},
                                            n_bootstrap)

@@ -211,7 +211,8 @@ def data_efficiency(
 # ---------------------------------------------------------------------- plots
 def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
                   log_x: bool) -> go.Figure:
-    """One panel per task; a line per (model, method); zero-shot as a dotted line per model."""
+    """One panel per task; a line per (model, method), with error bars where ``frame`` has
+    ``ci_low`` / ``ci_high``; zero-shot as a dotted line per model."""
     tasks = list(dict.fromkeys(frame["task"]))
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -221,8 +222,12 @@ def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
         for (model, method), line in part[part["method"] != "zero_shot"].groupby(
                 ["model", "method"], sort=False):
             line = line.sort_values(x)
+            errors = (dict(type="data", symmetric=False, array=line["ci_high"] - line["accuracy"],
+                           arrayminus=line["accuracy"] - line["ci_low"])
+                      if "ci_low" in line else None)
             fig.add_trace(go.Scatter(
-                x=line[x], y=line["accuracy"], mode="lines+markers", name=f"{model} {method}",
+                x=line[x], y=line["accuracy"], error_y=errors, mode="lines+markers",
+                name=f"{model} {method}",
                 legendgroup=f"{model} {method}", showlegend=col == 1,
                 line=dict(color=colours[model], dash="dash" if method == "random" else "solid"),
                 hovertemplate=f"{model} {method}<br>{x_title}: %{{x}}<br>accuracy: "

@@ -1,0 +1,297 @@
+"""Fig. 2, 4 and 5 with 95% confidence intervals, from the cells of the claims.
+
+``claim_figures(model, ...)`` uses the design of ``claims.replicate_claims``: every seed has
+its own training sample and its own disjoint random test subset (``claims.claim_runs``), and
+every cell is a cached ``claims.claim_cell``. With the same budget, seeds and cache, the
+claims' cells are read back, not recomputed: the same-task, random-heads and other-task cells
+of Fig. 2, and the budget's K and training size in Fig. 4/5. Per-example outcomes are pooled
+over seeds (every pair in a test is a distinct example, compared within its seed):
+
+* ``transfer`` (Fig. 2): v tuned on each target task with the K heads selected on each
+  source task (same seed), or K random heads. Each cell is tested against its column's
+  same-task cell: exact McNemar, one-sided (same-task better), Holm across the matrix.
+* ``k_sweep`` (Fig. 5): v tuned on the top ``round(f * heads)`` heads of the seed's
+  selection, for each fraction ``f``. Each point against the budget's K: exact McNemar,
+  two-sided, Holm across the model's sweep.
+* ``data_efficiency`` (Fig. 4): both steps on ``n`` training examples, for each ``n``, at the
+  budget's K. Each point against the budget's training size, tested like ``k_sweep``.
+
+Every accuracy carries a Wilson 95% interval (``intervals.wilson_ci``), per seed and pooled;
+0-shot is in every frame as the reference line of the plots. Marks: ``*`` Holm p < 0.05,
+``+`` Holm p < 0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from lofit_lens.analysis import stats
+from lofit_lens.analysis.cells import cached_selection
+from lofit_lens.analysis.claims import DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, claim_cell, claim_runs
+from lofit_lens.analysis.plotting import plot_transfer
+from lofit_lens.analysis.sweeps import plot_data_efficiency, plot_k_sweep
+from lofit_lens.analysis.transfer import RANDOM, significance_mark
+from lofit_lens.backends.hooked import model_dims, model_id
+from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.config import LoFiTConfig
+from lofit_lens.intervention import Head
+from lofit_lens.intervals import wilson_ci
+from lofit_lens.store import slug
+from lofit_lens.tasks.base import Task
+from lofit_lens.training import TrainingSet
+
+FRACTIONS = (0.03, 0.1, 0.5)
+"""Fig. 5's points on a 2-core CPU (the paper's sweep: ``budgets.FRACTIONS``)."""
+SIZES = (16, 40)
+"""Fig. 4's points on a 2-core CPU (the paper's: ``budgets.SIZES``)."""
+
+Log = Callable[[str], None]
+Run = tuple[Task, LoFiTConfig]
+
+
+@dataclass
+class ClaimFigures:
+    """Fig. 2, 4 and 5 as frames; one row per point and seed (``seed``: the seed, or
+    ``"pooled"``). Every row: ``model``, ``task`` (the target), ``seed``, ``n``, ``metric``,
+    ``accuracy`` with ``ci_low`` / ``ci_high`` (Wilson 95%), ``cached``. Pooled rows of a
+    tested point add ``reference``, ``effect`` (point minus reference, or reference minus
+    point in ``transfer``, so > 0 favours same-task heads), ``p``, ``p_holm`` and ``mark``.
+
+    ``transfer``: ``source`` (a task, or ``"random"``) and ``k``; ``k_sweep``: ``method``
+    (``"lofit"``, ``"zero_shot"``), ``fraction``, ``k``; ``data_efficiency``: ``method``,
+    ``size``, ``n_train``, ``k``."""
+
+    transfer: pd.DataFrame
+    k_sweep: pd.DataFrame
+    data_efficiency: pd.DataFrame
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def concat(cls, parts: Sequence["ClaimFigures"]) -> "ClaimFigures":
+        frames = {f: pd.concat([getattr(p, f) for p in parts], ignore_index=True)
+                  for f in ("transfer", "k_sweep", "data_efficiency")}
+        return cls(**frames, settings={k: v for p in parts for k, v in p.settings.items()})
+
+    def transfer_figure(self, model: str) -> go.Figure:
+        """Fig. 2 of ``model``: colour = accuracy relative to the column's same-task cell; text
+        = accuracy (%) with its mark and 95% interval."""
+        part = self.transfer[(self.transfer["model"] == model) & (self.transfer["seed"] == "pooled")]
+        wide = {c: part.pivot(index="source", columns="task", values=c)
+                for c in ("accuracy", "ci_low", "ci_high", "mark")}
+        order = list(dict.fromkeys(part["source"]))
+        wide = {c: v.reindex(index=order, columns=list(dict.fromkeys(part["task"])))
+                for c, v in wide.items()}
+        acc = wide["accuracy"]
+        diag = np.array([acc.loc[t, t] if t in acc.index else np.nan for t in acc.columns])
+        relative = acc / np.where(diag > 0, diag, np.nan)
+        text = [[f"{100 * a:.1f}{m if isinstance(m, str) else ''}<br>[{100 * lo:.1f}, {100 * hi:.1f}]"
+                 for a, m, lo, hi in zip(*(wide[c].loc[s] for c in ("accuracy", "mark", "ci_low", "ci_high")))]
+                for s in acc.index]
+        k, n = int(part["k"].iloc[0]), int(part["n"].max())
+        fig = plot_transfer(relative, title=f"{model}, K={k}, n={n} per cell: accuracy (%) "
+                                            "[95% CI] with heads from another task<br>colour: "
+                                            "relative to same-task heads; * Holm p<0.05, + <0.1")
+        fig.data[0].text = np.array(text, dtype=object)
+        fig.update_traces(hovertemplate="%{y} heads -> %{x}: %{text}<extra></extra>")
+        return fig
+
+    def figures(self) -> dict[str, go.Figure]:
+        """``{file stem: figure}``: ``fig2_transfer_<model>`` per model, ``fig5_k_sweep``,
+        ``fig4_data_efficiency``."""
+        figs = {f"fig2_transfer_{slug(m)}": self.transfer_figure(m)
+                for m in dict.fromkeys(self.transfer["model"])}
+        for stem, frame, plot, title in (
+                ("fig5_k_sweep", self.k_sweep, plot_k_sweep, "K sweep"),
+                ("fig4_data_efficiency", self.data_efficiency, plot_data_efficiency,
+                 "training examples")):
+            if not frame.empty:
+                pooled = frame[frame["seed"] == "pooled"]
+                figs[stem] = plot(pooled, title=f"Accuracy vs {title}, pooled over seeds "
+                                                f"(95% Wilson CI)")
+        return figs
+
+    def save(self, out: Union[str, Path], formats: Sequence[str] = ("html", "png")) -> list[Path]:
+        """``transfer.csv``, ``k_sweep.csv``, ``data_efficiency.csv`` and every figure under
+        ``out``."""
+        from lofit_lens.analysis.plotting import save_figure
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name in ("transfer", "k_sweep", "data_efficiency"):
+            path = out / f"{name}.csv"
+            getattr(self, name).to_csv(path, index=False)
+            paths.append(path)
+        for stem, fig in self.figures().items():
+            paths += save_figure(fig, out / stem, formats)
+        return paths
+
+
+# ---------------------------------------------------------------------- rows and tests
+def _rows(keys: Mapping[str, Any], per_seed: Mapping[int, Mapping[str, Any]]) -> list[dict]:
+    """One row per seed and a pooled row for one point; ``per_seed``: the seeds' records."""
+    rows = []
+    groups = [(str(s), [r]) for s, r in per_seed.items()] + [("pooled", list(per_seed.values()))]
+    for label, records in groups:
+        values = np.concatenate([np.asarray(r["correct"], float) for r in records])
+        low, high = wilson_ci(values.sum(), len(values))
+        rows.append({**keys, "seed": label, "n": len(values), "metric": records[0]["metric"],
+                     "accuracy": float(values.mean()), "ci_low": low, "ci_high": high,
+                     "cached": all(r["cached"] for r in records)})
+    return rows
+
+
+def _pooled(per_seed: Mapping[int, Mapping[str, Any]]) -> np.ndarray:
+    return np.concatenate([np.asarray(per_seed[s]["correct"], float) for s in sorted(per_seed)])
+
+
+def _tests(rows: list[dict], tested: Sequence[tuple[int, np.ndarray, np.ndarray, str]],
+           alternative: str) -> None:
+    """McNemar of each ``(row index, a, b, reference label)`` (``a`` against ``b``), then Holm
+    across them (one family); written into the pooled rows."""
+    results = [stats.mcnemar_exact(a, b, alternative=alternative) for _, a, b, _ in tested]
+    adjusted = stats.holm([r.p for r in results])
+    for (i, _, _, reference), result, p_holm in zip(tested, results, adjusted):
+        rows[i].update(reference=reference, effect=result.effect, p=result.p,
+                       p_holm=float(p_holm), mark=significance_mark(float(p_holm)))
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    for column in ("reference", "effect", "p", "p_holm", "mark"):
+        if column not in frame:
+            frame[column] = "" if column in ("reference", "mark") else np.nan
+    frame[["reference", "mark"]] = frame[["reference", "mark"]].fillna("")
+    return frame
+
+
+# ---------------------------------------------------------------------- the figures
+def claim_figures(
+    model,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    sources: Optional[Sequence[str]] = DEFAULT_SELECTION_TASKS,
+    budget: str = "claims-quick",
+    seeds: Sequence[int] = (0, 1, 2),
+    fractions: Sequence[float] = FRACTIONS,
+    sizes: Sequence[int] = SIZES,
+    cache_dir: Union[str, Path] = "analysis_out/cache",
+    k: Union[int, float, None] = None,
+    n_test: Optional[int] = None,
+    task_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    progress: bool = False,
+    log: Optional[Log] = print,
+    **overrides,
+) -> ClaimFigures:
+    """Fig. 2 (``tasks`` as targets, heads from ``sources``, ``tasks`` and K random heads),
+    Fig. 5 (``fractions``) and Fig. 4 (``sizes``) on ``model``, on the claims' design (module
+    docstring). ``budget``, ``seeds``, ``k``, ``n_test``, ``task_overrides`` and
+    ``overrides``: as in ``replicate_claims``; pass the same ones to read its cells back.
+    ``fractions=()`` / ``sizes=()`` skip a sweep."""
+    say = log or (lambda message: None)
+    seeds = sorted(seeds)
+    if not tasks:
+        raise ValueError("claim_figures needs at least one task to evaluate")
+    sources = list(dict.fromkeys([*tasks, *(sources or [])]))
+    runs = claim_runs(sources, budget, seeds, k, n_test, task_overrides, say, **overrides)
+    labels = {t: runs[t, seeds[0]][0].name for t in sources}
+    name = model_id(model)
+    dims = model_dims(model)
+    first = runs[tasks[0], seeds[0]][1]
+    n_heads = first.num_heads(dims.total_heads)
+    data = {key: functools.cache(functools.partial(TrainingSet.build, model, *run))
+            for key, run in runs.items()}
+
+    def selection(task_name: str, seed: int, size: Optional[int] = None):
+        task_obj, cfg = runs[task_name, seed]
+        if size is None or size == cfg.max_train_examples:
+            return cached_selection(model, task_obj, cfg, cache_dir, progress, data[task_name, seed])
+        return cached_selection(model, task_obj, dataclasses.replace(cfg, max_train_examples=size),
+                                cache_dir, progress)
+
+    def cell(task_name: str, seed: int, heads: Optional[Sequence[Head]], what: str,
+             size: Optional[int] = None) -> dict[str, Any]:
+        task_obj, cfg = runs[task_name, seed]
+        builder = data[task_name, seed]
+        if size is not None and size != cfg.max_train_examples:
+            cfg, builder = dataclasses.replace(cfg, max_train_examples=size), None
+        record = claim_cell(model, task_obj, cfg, heads, cache_dir, progress, builder)
+        say(f"[{name}] {what} s{seed}: {record['metric']} {100 * record['accuracy']:.1f}"
+            f"{' (cached)' if record['cached'] else ''}")
+        return record
+
+    zero_shot = {t: {s: cell(t, s, None, f"zero-shot {labels[t]}") for s in seeds} for t in tasks}
+    top = {(t, s): [tuple(h) for h in selection(t, s).top(n_heads)] for t in sources for s in seeds}
+
+    # --- Fig. 2
+    rows: list[dict] = []
+    tested = []
+    for target in tasks:
+        keys = {"model": name, "task": labels[target], "k": n_heads}
+        same = {s: cell(target, s, top[target, s], f"{labels[target]} heads -> {labels[target]}")
+                for s in seeds}
+        heads_of = {labels[src]: {s: top[src, s] for s in seeds} for src in sources if src != target}
+        heads_of[RANDOM] = {s: random_heads(dims, n_heads, s) for s in seeds}
+        rows += _rows({**keys, "source": labels[target]}, same)
+        for source, heads in heads_of.items():
+            records = {s: cell(target, s, heads[s], f"{source} heads -> {labels[target]}")
+                       for s in seeds}
+            rows += _rows({**keys, "source": source}, records)
+            tested.append((len(rows) - 1, _pooled(same), _pooled(records), f"{labels[target]} heads"))
+    _tests(rows, tested, "greater")
+    transfer = _frame(rows)
+
+    # --- Fig. 5 and Fig. 4: one row per point, then 0-shot
+    def sweep(points: Sequence[Any], keys: Callable[[str, Optional[Any]], dict],
+              record: Callable[[str, int, Any], dict], reference: Optional[Any],
+              label: str) -> pd.DataFrame:
+        rows, tested = [], []
+        for task_name in tasks:
+            at = {p: {s: record(task_name, s, p) for s in seeds} for p in points}
+            for point in points:
+                rows += _rows({"model": name, "task": labels[task_name], "method": "lofit",
+                               **keys(task_name, point)}, at[point])
+                if reference in at and point != reference:
+                    tested.append((len(rows) - 1, _pooled(at[point]), _pooled(at[reference]), label))
+            rows += _rows({"model": name, "task": labels[task_name], "method": "zero_shot",
+                           **keys(task_name, None)}, zero_shot[task_name])
+        _tests(rows, tested, "two-sided")
+        return _frame(rows)
+
+    def k_of(fraction: float) -> int:
+        return dataclasses.replace(first, k=fraction).num_heads(dims.total_heads)
+
+    k_sweep = sweep(
+        fractions,
+        lambda t, f: {"fraction": 0.0, "k": 0} if f is None else {"fraction": f, "k": k_of(f)},
+        lambda t, s, f: cell(t, s, [tuple(h) for h in selection(t, s).top(k_of(f))], f"K={k_of(f)} {labels[t]}"),
+        next((f for f in fractions if k_of(f) == n_heads), None),
+        f"K={n_heads}") if fractions else pd.DataFrame()
+    train_size = first.max_train_examples
+
+    def used(t: str, n: int) -> int:  # a size beyond the training data uses all of it
+        return len(runs[t, seeds[0]][0].train_examples(seeds[0], n))
+
+    data_efficiency = sweep(
+        sizes,
+        lambda t, n: ({"size": 0, "n_train": 0, "k": 0} if n is None
+                      else {"size": n, "n_train": used(t, n), "k": n_heads}),
+        lambda t, s, n: cell(t, s, [tuple(h) for h in selection(t, s, n).top(n_heads)],
+                             f"n={n} {labels[t]}", size=n),
+        train_size if train_size in sizes else None,
+        f"n={train_size}") if sizes else pd.DataFrame()
+    settings = {name: {"budget": budget, "tasks": [labels[t] for t in tasks],
+                       "sources": [labels[t] for t in sources], "seeds": seeds,
+                       "k": n_heads, "fractions": list(fractions), "sizes": list(sizes),
+                       "n_test_per_seed": {labels[t]: len(zero_shot[t][seeds[0]]["correct"])
+                                           for t in tasks},
+                       "epochs": [first.epochs_select, first.epochs_bias],
+                       "lr_bias": first.lr_bias, "protocol": first.protocol}}
+    return ClaimFigures(transfer, k_sweep, data_efficiency, settings)
