@@ -96,9 +96,9 @@ class ClaimFigures:
                  for a, m, lo, hi in zip(*(wide[c].loc[s] for c in ("accuracy", "mark", "ci_low", "ci_high")))]
                 for s in acc.index]
         k, n = int(part["k"].iloc[0]), int(part["n"].max())
-        fig = plot_transfer(relative, title=f"{model}, K={k}, n={n} per cell: accuracy (%) "
-                                            "[95% CI] with heads from another task<br>colour: "
-                                            "relative to same-task heads; * Holm p<0.05, + <0.1")
+        fig = plot_transfer(relative, title=f"{model}, K={k}, {n} test examples per cell: "
+                                            "accuracy (%) [95% CI]<br>colour: relative to "
+                                            "same-task heads; * Holm p<0.05, + Holm p<0.1")
         fig.data[0].text = np.array(text, dtype=object)
         fig.update_traces(hovertemplate="%{y} heads -> %{x}: %{text}<extra></extra>")
         return fig
@@ -109,13 +109,14 @@ class ClaimFigures:
         figs = {f"fig2_transfer_{slug(m)}": self.transfer_figure(m)
                 for m in dict.fromkeys(self.transfer["model"])}
         for stem, frame, plot, title in (
-                ("fig5_k_sweep", self.k_sweep, plot_k_sweep, "K sweep"),
+                ("fig5_k_sweep", self.k_sweep, plot_k_sweep, "share of heads tuned"),
                 ("fig4_data_efficiency", self.data_efficiency, plot_data_efficiency,
                  "training examples")):
             if not frame.empty:
-                pooled = frame[frame["seed"] == "pooled"]
-                figs[stem] = plot(pooled, title=f"Accuracy vs {title}, pooled over seeds "
-                                                f"(95% Wilson CI)")
+                figs[stem] = plot(frame[frame["seed"] == "pooled"],
+                                  title=f"Accuracy vs {title}, pooled over seeds (95% Wilson "
+                                        f"CI)<br>* / +: Holm p < 0.05 / 0.1 against the claims' "
+                                        f"point (the budget's K or training size)")
         return figs
 
     def save(self, out: Union[str, Path], formats: Sequence[str] = ("html", "png")) -> list[Path]:

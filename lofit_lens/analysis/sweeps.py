@@ -212,7 +212,8 @@ def data_efficiency(
 def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
                   log_x: bool) -> go.Figure:
     """One panel per task; a line per (model, method), with error bars where ``frame`` has
-    ``ci_low`` / ``ci_high``; zero-shot as a dotted line per model."""
+    ``ci_low`` / ``ci_high`` and significance marks where it has ``mark``; zero-shot as a
+    dotted line per model."""
     tasks = list(dict.fromkeys(frame["task"]))
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks)
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -225,9 +226,11 @@ def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
             errors = (dict(type="data", symmetric=False, array=line["ci_high"] - line["accuracy"],
                            arrayminus=line["accuracy"] - line["ci_low"])
                       if "ci_low" in line else None)
+            marks = line["mark"].fillna("") if "mark" in line else None
             fig.add_trace(go.Scatter(
-                x=line[x], y=line["accuracy"], error_y=errors, mode="lines+markers",
-                name=f"{model} {method}",
+                x=line[x], y=line["accuracy"], error_y=errors, text=marks,
+                mode="lines+markers+text" if marks is not None else "lines+markers",
+                textposition="middle right", name=f"{model} {method}",
                 legendgroup=f"{model} {method}", showlegend=col == 1,
                 line=dict(color=colours[model], dash="dash" if method == "random" else "solid"),
                 hovertemplate=f"{model} {method}<br>{x_title}: %{{x}}<br>accuracy: "
@@ -241,7 +244,8 @@ def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
                           annotation_text=f"0-shot {', '.join(models)}", row=1, col=col)
         fig.update_yaxes(title_text=str(part["metric"].iloc[0]), rangemode="tozero", row=1, col=col)
     fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear")
-    fig.update_layout(title=title, height=380, width=max(500, 420 * len(tasks)))
+    fig.update_layout(title=title, height=420, width=max(500, 420 * len(tasks)),
+                      margin=dict(t=110))
     return fig
 
 
