@@ -267,6 +267,7 @@ def test_claim_figures_tests_and_holm(report, figures):
         assert row["p"] == pytest.approx(
             details.loc[f"{row['task']} heads > {row['source']} heads on {row['task']}", "p"])
     assert set(tested.loc[tested["p_holm"] < 0.05, "mark"]) <= {"*"}
+    assert ((tested["effect_low"] <= tested["effect"]) & (tested["effect"] <= tested["effect_high"])).all()
     for frame, reference in ((figures.k_sweep, "K=3"), (figures.data_efficiency, "n=8")):
         pooled = frame[frame["seed"] == "pooled"]
         points = pooled[(pooled["method"] == "lofit") & (pooled["reference"] != "")]

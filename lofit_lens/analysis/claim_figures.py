@@ -63,7 +63,9 @@ class ClaimFigures:
     ``"pooled"``). Every row: ``model``, ``task`` (the target), ``seed``, ``n``, ``metric``,
     ``accuracy`` with ``ci_low`` / ``ci_high`` (Wilson 95%), ``cached``. Pooled rows of a
     tested point add ``reference``, ``effect`` (point minus reference, or reference minus
-    point in ``transfer``, so > 0 favours same-task heads), ``p``, ``p_holm`` and ``mark``.
+    point in ``transfer``, so > 0 favours same-task heads) with its 95% interval
+    (``effect_low``, ``effect_high``: Newcombe's for paired proportions), ``p``, ``p_holm``
+    and ``mark``.
 
     ``transfer``: ``source`` (a task, or ``"random"``) and ``k``; ``k_sweep``: ``method``
     (``"lofit"``, ``"zero_shot"``), ``fraction``, ``k``; ``data_efficiency``: ``method``,
@@ -161,13 +163,14 @@ def _tests(rows: list[dict], tested: Sequence[tuple[int, np.ndarray, np.ndarray,
     results = [stats.mcnemar_exact(a, b, alternative=alternative) for _, a, b, _ in tested]
     adjusted = stats.holm([r.p for r in results])
     for (i, _, _, reference), result, p_holm in zip(tested, results, adjusted):
-        rows[i].update(reference=reference, effect=result.effect, p=result.p,
-                       p_holm=float(p_holm), mark=significance_mark(float(p_holm)))
+        rows[i].update(reference=reference, effect=result.effect, effect_low=result.ci_low,
+                       effect_high=result.ci_high, p=result.p, p_holm=float(p_holm),
+                       mark=significance_mark(float(p_holm)))
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    for column in ("reference", "effect", "p", "p_holm", "mark"):
+    for column in ("reference", "effect", "effect_low", "effect_high", "p", "p_holm", "mark"):
         if column not in frame:
             frame[column] = "" if column in ("reference", "mark") else np.nan
     frame[["reference", "mark"]] = frame[["reference", "mark"]].fillna("")
