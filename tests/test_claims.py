@@ -284,9 +284,13 @@ def test_claim_figures_draw_intervals(figures, tmp_path):
     assert sweep_line.error_y.array is not None and len(sweep_line.error_y.array) == 3
     heat = figs["fig2_transfer_tiny-llama"].data[0]
     assert all("[" in text for row in heat.text for text in row)
+    table = figures.markdown()
+    assert table.count("## Fig.") == 3
+    rows = [line for line in table.splitlines() if line.startswith("| tiny-llama")]
+    assert rows and all(line.count("|") == 10 for line in rows)  # 9 cells, tested or not
     paths = figures.save(tmp_path, formats=("html",))
     assert {p.name for p in paths} >= {"transfer.csv", "k_sweep.csv", "data_efficiency.csv",
-                                       "fig5_k_sweep.html"}
+                                       "claim_figures.md", "fig5_k_sweep.html"}
 
 
 def test_claims_and_claim_figures_command_lines_share_the_design():

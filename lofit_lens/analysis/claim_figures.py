@@ -85,7 +85,8 @@ class ClaimFigures:
     def transfer_figure(self, model: str) -> go.Figure:
         """Fig. 2 of ``model``: colour = accuracy relative to the column's same-task cell; text
         = accuracy (%) with its mark and 95% interval."""
-        part = self.transfer[(self.transfer["model"] == model) & (self.transfer["seed"] == "pooled")]
+        frame = self.transfer
+        part = frame[(frame["model"] == model) & (frame["seed"] == "pooled")]
         wide = {c: part.pivot(index="source", columns="task", values=c)
                 for c in ("accuracy", "ci_low", "ci_high", "mark")}
         order = list(dict.fromkeys(part["source"]))
@@ -94,8 +95,9 @@ class ClaimFigures:
         acc = wide["accuracy"]
         diag = np.array([acc.loc[t, t] if t in acc.index else np.nan for t in acc.columns])
         relative = acc / np.where(diag > 0, diag, np.nan)
+        columns = ("accuracy", "mark", "ci_low", "ci_high")
         text = [[f"{100 * a:.1f}{m if isinstance(m, str) else ''}<br>[{100 * lo:.1f}, {100 * hi:.1f}]"
-                 for a, m, lo, hi in zip(*(wide[c].loc[s] for c in ("accuracy", "mark", "ci_low", "ci_high")))]
+                 for a, m, lo, hi in zip(*(wide[c].loc[s] for c in columns))]
                 for s in acc.index]
         k, n = int(part["k"].iloc[0]), int(part["n"].max())
         fig = plot_transfer(relative, title=f"{model}, K={k}, {n} test examples per cell: "
@@ -121,9 +123,36 @@ class ClaimFigures:
                                         f"point (the budget's K or training size)")
         return figs
 
+    def markdown(self) -> str:
+        """The pooled rows of the three figures as Markdown tables (accuracy in % with its
+        95% interval; effect against the reference in points with its interval; Holm p)."""
+        parts = []
+        for title, frame, point in (
+                ("Fig. 2: heads from a source task, tuned on a target task", self.transfer,
+                 ("source", "heads from")),
+                ("Fig. 5: share of heads tuned", self.k_sweep, ("k", "K")),
+                ("Fig. 4: training examples", self.data_efficiency, ("n_train", "n train"))):
+            if frame.empty:
+                continue
+            column, label = point
+            lines = [f"## {title}", "", f"| model | task | {label} | n | accuracy [95% CI] | "
+                     "reference | effect [95% CI] | p | p (Holm) |", "|---" * 9 + "|"]
+            for _, r in frame[frame["seed"] == "pooled"].iterrows():
+                shown = "0-shot" if r.get("method") == "zero_shot" else r[column]
+                pct, fp = stats.format_pct, stats.format_p
+                tested = bool(r["reference"])
+                effect = (f"{100 * r['effect']:+.1f} [{100 * r['effect_low']:+.1f}, "
+                          f"{100 * r['effect_high']:+.1f}] | {fp(r['p'])} | "
+                          f"{fp(r['p_holm'])}{r['mark']}" if tested else " | | ")
+                lines.append(f"| {r['model']} | {r['task']} | {shown} | {r['n']} | "
+                             f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | "
+                             f"{r['reference']} | {effect} |")
+            parts += lines + [""]
+        return "\n".join(parts)
+
     def save(self, out: Union[str, Path], formats: Sequence[str] = ("html", "png")) -> list[Path]:
-        """``transfer.csv``, ``k_sweep.csv``, ``data_efficiency.csv`` and every figure under
-        ``out``."""
+        """``transfer.csv``, ``k_sweep.csv``, ``data_efficiency.csv``, ``claim_figures.md``
+        and every figure under ``out``."""
         from lofit_lens.analysis.plotting import save_figure
 
         out = Path(out)
@@ -133,6 +162,9 @@ class ClaimFigures:
             path = out / f"{name}.csv"
             getattr(self, name).to_csv(path, index=False)
             paths.append(path)
+        path = out / "claim_figures.md"
+        path.write_text(self.markdown())
+        paths.append(path)
         for stem, fig in self.figures().items():
             paths += save_figure(fig, out / stem, formats)
         return paths
@@ -275,7 +307,8 @@ def claim_figures(
     k_sweep = sweep(
         fractions,
         lambda t, f: {"fraction": 0.0, "k": 0} if f is None else {"fraction": f, "k": k_of(f)},
-        lambda t, s, f: cell(t, s, [tuple(h) for h in selection(t, s).top(k_of(f))], f"K={k_of(f)} {labels[t]}"),
+        lambda t, s, f: cell(t, s, [tuple(h) for h in selection(t, s).top(k_of(f))],
+                             f"K={k_of(f)} {labels[t]}"),
         next((f for f in fractions if k_of(f) == n_heads), None),
         f"K={n_heads}") if fractions else pd.DataFrame()
     train_size = first.max_train_examples

@@ -753,16 +753,6 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- markdown
-def _pct(x: float) -> str:
-    return "-" if not np.isfinite(x) else f"{100 * x:.1f}"
-
-
-def _p(x: float) -> str:
-    if not np.isfinite(x):
-        return "-"
-    return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
-
-
 def _effect(row: Mapping[str, Any]) -> str:
     scale = 100 if row["unit"] == "examples" else 1
     fmt = (lambda v: f"{scale * v:+.1f}") if scale == 100 else (lambda v: f"{v:+.2f}")
@@ -784,8 +774,9 @@ def claims_table(frame: pd.DataFrame) -> str:
     for _, r in frame.iterrows():
         needed = f"{stats.format_n(r['n_needed'])} / {stats.format_n(r['n_needed_holm'])}"
         lines.append(f"| {r['claim']} | {r['model']} | {r['contrast']} | {r['test']} | "
-                     f"{int(r['n'])} {r['unit']} | {r['seeds']} | {_effect(r)} | {_p(r['p'])} | "
-                     f"{_p(r['p_holm'])} | {_p(r['p_bootstrap_paper'])} | {r['verdict']} | {needed} |")
+                     f"{int(r['n'])} {r['unit']} | {r['seeds']} | {_effect(r)} | "
+                     f"{stats.format_p(r['p'])} | {stats.format_p(r['p_holm'])} | "
+                     f"{stats.format_p(r['p_bootstrap_paper'])} | {r['verdict']} | {needed} |")
     return "\n".join(lines)
 
 
@@ -801,9 +792,10 @@ def accuracy_table(frame: pd.DataFrame) -> str:
         seeds = frame[(frame["model"] == r["model"]) & (frame["task"] == r["task"])
                       & (frame["method"] == r["method"]) & (frame["metric"] == r["metric"])
                       & (frame["seed"] != "pooled")]
-        per_seed = " / ".join(_pct(s) for s in seeds["score"])
+        pct = stats.format_pct
+        per_seed = " / ".join(pct(s) for s in seeds["score"])
         lines.append(f"| {r['model']} | {r['task']} | {r['method']} | {r['metric']} | {r['n']} | "
-                     f"{_pct(r['score'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | "
+                     f"{pct(r['score'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | "
                      f"{per_seed} | {r['ci']} |")
     return "\n".join(lines)
 
@@ -816,7 +808,7 @@ def stability_table(frame: pd.DataFrame) -> str:
     for _, r in frame.iterrows():
         lines.append(f"| {r['model']} | {r['task']} | {r['k']} | {r['n_pairs']} | "
                      f"{r['jaccard']:.2f} [{r['jaccard_min']:.2f}, {r['jaccard_max']:.2f}] | "
-                     f"{r['jaccard_random']:.3f} | {_p(r['p_max'])} |")
+                     f"{r['jaccard_random']:.3f} | {stats.format_p(r['p_max'])} |")
     return "\n".join(lines)
 
 

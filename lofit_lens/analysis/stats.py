@@ -417,3 +417,15 @@ def format_n(n: float) -> str:
     if not math.isfinite(n):
         return "∞"
     return f"{int(n):,}" if n < 1e6 else f"{n:.1e}"
+
+
+def format_pct(x: float) -> str:
+    """A proportion as a percentage with one decimal (``-`` when undefined)."""
+    return "-" if not np.isfinite(x) else f"{100 * x:.1f}"
+
+
+def format_p(x: float) -> str:
+    """A p-value: two significant digits, scientific below 0.001 (``-`` when undefined)."""
+    if not np.isfinite(x):
+        return "-"
+    return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
