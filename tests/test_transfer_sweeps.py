@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from lofit_lens.analysis import cells as run_cache
 from lofit_lens.backends.hooked import model_dims
+from lofit_lens.intervals import wilson_ci
 from lofit_lens.analysis.plotting import save_figure
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.store import settings_key
@@ -112,6 +113,9 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, arithmetic_tasks, t
     assert res.marks.shape == res.relative.shape == (3, 2)
     assert calls == {"select": 2, "tune": 6}
     assert len(res.cells) == 6 and not res.cells["cached"].any()
+    for _, c in res.cells.iterrows():  # Wilson 95% over the cell's 3 test examples
+        assert (c["ci_low"], c["ci_high"]) == pytest.approx(wilson_ci(round(3 * c["accuracy"]), 3))
+    assert all("[" in t for row in res.figure().data[0].text for t in row)
     assert all(len(h) == 2 for h in res.heads.values())
     files = sorted((tmp_path / "cache" / "tiny-llama" / "cells").glob("*/bias-*.json"))
     assert len(files) == 6
@@ -200,6 +204,8 @@ def test_k_sweep_shares_cells_and_resumes(tiny_model, arithmetic_tasks, tmp_path
                     random_heads_too=True, progress=False, **BUDGET)
     assert calls == {"select": 1, "tune": 4} and again["cached"].all()
     assert len(plot_k_sweep(pd.concat([frame, again])).data) >= 2
+    assert (frame["ci_low"] <= frame["accuracy"]).all() and (frame["accuracy"] <= frame["ci_high"]).all()
+    assert plot_k_sweep(frame).data[0].error_y.array is not None  # error bars from the intervals
 
 
 def test_cells_are_shared_between_analyses(tiny_model, arithmetic_tasks, tmp_path, calls):

@@ -23,6 +23,7 @@ from lofit_lens.analysis.cells import bias_cell, cached_selection, zero_shot_cel
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.executors import ExecutorLike, get_executor
+from lofit_lens.intervals import wilson_ci
 from lofit_lens.intervention import Head
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import HeadSelection, TaskLike, TrainingSet, resolve_run
@@ -113,9 +114,12 @@ def bias_task(model, item: BiasItem) -> dict[str, Any]:
 
 
 def _row(model, task_name: str, method: str, record: dict[str, Any], **extra) -> dict[str, Any]:
+    """One point: its accuracy with a Wilson 95% interval over the evaluated examples."""
+    low, high = wilson_ci(sum(record["correct"]), len(record["correct"]))
     return {"model": model_id(model), "task": task_name, "method": method, **extra,
-            "metric": record["metric"], "accuracy": record["accuracy"],
-            "n_eval": len(record["correct"]), "cached": record["cached"], "file": record["path"]}
+            "metric": record["metric"], "accuracy": record["accuracy"], "ci_low": low,
+            "ci_high": high, "n_eval": len(record["correct"]), "cached": record["cached"],
+            "file": record["path"]}
 
 
 def k_sweep(
@@ -133,7 +137,8 @@ def k_sweep(
     """Fig. 5: one head selection, then v tuned on the top ``round(f * heads)`` heads for each
     fraction ``f`` (and, with ``random_heads_too``, on as many random heads).
 
-    Columns: model, task, method, fraction, k, metric, accuracy, n_eval, cached, file.
+    Columns: model, task, method, fraction, k, metric, accuracy, ci_low, ci_high (Wilson
+    95%), n_eval, cached, file.
     A fraction rounds like ``LoFiTConfig.k`` (at least one head); fractions that round to
     the same K share one cached cell. ``executor``: ``"local"``, ``"ray"`` or an
     ``Executor`` (``lofit_lens.executors``): the selection, then every cell, as its tasks.
@@ -186,7 +191,8 @@ def data_efficiency(
     each ``n`` in ``sizes`` (paper: K = 10%).
 
     Columns: model, task, method, size (requested), n_train (used: a size beyond the
-    training set uses all of it), k, metric, accuracy, n_eval, cached, file.
+    training set uses all of it), k, metric, accuracy, ci_low, ci_high (Wilson 95%), n_eval,
+    cached, file.
     ``executor``: ``"local"``, ``"ray"`` or an ``Executor`` (``lofit_lens.executors``): each
     size (selection and bias tuning) is one task.
     """

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.executors import ExecutorLike, get_executor
 from lofit_lens.backends.hooked import model_dims
+from lofit_lens.intervals import wilson_ci
 from lofit_lens.intervention import Head
 from lofit_lens.analysis.sweeps import BiasItem, SelectionItem, bias_task, selection_task
 from lofit_lens.baselines.selectors import random_heads as draw_random_heads
@@ -39,7 +40,8 @@ class TransferResult:
 
     ``accuracy``: the target's primary metric; ``relative``: ``acc(S->T) / acc(T->T)``;
     ``p_values``: paired bootstrap p of cells below same-task (NaN elsewhere); ``marks``:
-    ``"*"`` p < 0.05, ``"+"`` p < 0.1; ``cells``: one row per cell (also the cache file);
+    ``"*"`` p < 0.05, ``"+"`` p < 0.1; ``cells``: one row per cell (accuracy with its Wilson
+    95% interval ``ci_low`` / ``ci_high``, the cache file);
     ``heads``: the head set of each row.
     """
 
@@ -52,11 +54,16 @@ class TransferResult:
 
     def figure(self, title: Optional[str] = None):
         """``plot_transfer`` coloured by ``relative``; cells show the accuracy (%) and mark,
-        as the paper's Fig. 2 does."""
+        as the paper's Fig. 2 does, and the accuracy's Wilson 95% interval."""
         from lofit_lens.analysis.plotting import plot_transfer
 
         fig = plot_transfer(self.relative, self.marks, title=title)
-        fig.data[0].text = ((100 * self.accuracy).round(1).astype(str) + self.marks).to_numpy()
+        bounds = {b: 100 * self.cells.pivot(index="source", columns="target", values=b)
+                  .reindex(index=self.accuracy.index, columns=self.accuracy.columns)
+                  for b in ("ci_low", "ci_high")}
+        fig.data[0].text = ((100 * self.accuracy).round(1).astype(str) + self.marks + "<br>["
+                            + bounds["ci_low"].round(1).astype(str) + ", "
+                            + bounds["ci_high"].round(1).astype(str) + "]").to_numpy()
         fig.update_traces(hovertemplate="%{y} heads -> %{x}: %{text}, relative %{z:.3f}"
                                         "<extra></extra>")
         return fig
@@ -174,8 +181,10 @@ def transfer_matrix(
     records_of = run_cells.map(bias_task, model, items, desc="transfer cells", progress=progress)
     for (source, target), record in zip(cells, records_of):
         correct[source, target] = record["correct"]
+        low, high = wilson_ci(sum(record["correct"]), len(record["correct"]))
         records.append({"source": source, "target": target, "metric": record["metric"],
-                        "accuracy": record["accuracy"], "n_eval": len(record["correct"]),
+                        "accuracy": record["accuracy"], "ci_low": low, "ci_high": high,
+                        "n_eval": len(record["correct"]),
                         "k": n_heads, "cached": record["cached"], "file": record["path"]})
     acc, relative, p_values, marks = compare_to_same_task(correct, rows, targets, n_bootstrap, seed)
     table = pd.DataFrame(records)
