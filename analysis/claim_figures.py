@@ -3,9 +3,12 @@
     python -m analysis.claim_figures --models smollm2-135m gemma3-270m \\
         --out analysis_out/claim_figures
 
-The design of ``python -m analysis.claims`` (``lofit_lens.analysis.claim_figures``): with the
-same ``--budget``, ``--seeds``, ``--k`` and ``--cache`` its cells are read back, and only the
-points the claims do not hold are computed:
+The design of ``python -m analysis.claims`` (``lofit_lens.analysis.claim_figures``). With the
+same ``--cache``, ``--budget``, ``--seeds``, ``--k``, ``--n-test``, ``--protocol``,
+``--truthfulqa-fold``, ``--data-dir`` and budget flags (``--max-train-examples``,
+``--max-eval-examples``, ``--epochs``), its cells are read back and only the points the
+claims do not hold are computed. Cells run one after another in this process
+(``--executor`` is not used):
 
 * Fig. 2: v tuned on each ``--tasks`` task with the heads selected on each task of
   ``--sources`` and ``--tasks`` (same seed), or K random heads; each cell against its

@@ -51,7 +51,8 @@ def add_design_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The claims' design: budget claims-quick, the seeds, K and the test subset size."""
     p.set_defaults(budget="claims-quick", tasks=list(DEFAULT_TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                   help="at least 2; 3 or more for the claims about head selection (default 0 1 2)")
+                   help="default 0 1 2; the claims need at least 2, and 3 or more for the claims "
+                        "about head selection")
     p.add_argument("--k", type=_k, help="heads: a count or a share (default: the budget's)")
     p.add_argument("--n-test", type=int,
                    help="test examples per seed (default: the budget's max_eval_examples; the "

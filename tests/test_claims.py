@@ -287,7 +287,7 @@ def test_claim_figures_draw_intervals(figures, tmp_path):
     table = figures.markdown()
     assert table.count("## Fig.") == 3
     rows = [line for line in table.splitlines() if line.startswith("| tiny-llama")]
-    assert rows and all(line.count("|") == 10 for line in rows)  # 9 cells, tested or not
+    assert rows and all(line.count("|") == 11 for line in rows)  # 10 cells, tested or not
     paths = figures.save(tmp_path, formats=("html",))
     assert {p.name for p in paths} >= {"transfer.csv", "k_sweep.csv", "data_efficiency.csv",
                                        "claim_figures.md", "fig5_k_sweep.html"}
@@ -307,3 +307,35 @@ def test_claims_and_claim_figures_command_lines_share_the_design():
     assert b["task_overrides"] == {"truthfulqa": {"extra": {"fold": 1}}}
     assert ours.fractions == [0.03, 0.1, 0.5] and ours.sizes == [16, 40]
     assert figures_cli.build_parser().parse_args(argv + ["--sizes"]).sizes == []
+
+
+def test_claim_figures_effects_point_the_documented_way(figures):
+    pooled = {name: frame[frame["seed"] == "pooled"] for name, frame in
+              (("transfer", figures.transfer), ("k", figures.k_sweep), ("n", figures.data_efficiency))}
+    t = pooled["transfer"].set_index(["task", "source"])
+    for (task, source), row in t[t["reference"] != ""].iterrows():  # same-task minus this cell
+        assert row["effect"] == pytest.approx(t.loc[(task, task), "accuracy"] - row["accuracy"])
+    for key, column, reference in (("k", "k", 3), ("n", "size", 8)):
+        frame = pooled[key].set_index(["task", "method", column])
+        for (task, method, point), row in frame[frame["reference"] != ""].iterrows():
+            assert row["effect"] == pytest.approx(
+                row["accuracy"] - frame.loc[(task, "lofit", reference), "accuracy"])
+
+
+def test_claim_figures_without_the_claims_point_draws_untested(report, tiny_model, task_paths):
+    _, cache = report
+    said = []
+    figs = claim_figures(tiny_model, tasks=[task_paths["say"]], sources=[], budget="smoke",
+                         seeds=(0, 1, 2), cache_dir=cache, k=3, fractions=(0.5,), sizes=(),
+                         log=said.append, **TINY)
+    assert figs.data_efficiency.empty and (figs.k_sweep["reference"] == "").all()
+    assert any("not among" in line and "without tests" in line for line in said)
+    assert "Fig. 5" in figs.markdown() and "Fig. 4" not in figs.markdown()
+
+
+@pytest.mark.parametrize("bad", [dict(fractions=(1.0,)), dict(sizes=(0,)), dict(seeds=(0, 0, 1))])
+def test_claim_figures_rejects_bad_points(tiny_model, task_paths, tmp_path, bad):
+    options = dict(tasks=[task_paths["say"]], budget="smoke", seeds=(0, 1), cache_dir=tmp_path,
+                   k=3, log=None, **TINY)
+    with pytest.raises(ValueError, match="fractions|seeds"):
+        claim_figures(tiny_model, **{**options, **bad})

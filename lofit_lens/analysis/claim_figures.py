@@ -17,8 +17,9 @@ over seeds (every pair in a test is a distinct example, compared within its seed
   budget's K. Each point against the budget's training size, tested like ``k_sweep``.
 
 Every accuracy carries a Wilson 95% interval (``intervals.wilson_ci``), per seed and pooled;
-0-shot is in every frame as the reference line of the plots. Marks: ``*`` Holm p < 0.05,
-``+`` Holm p < 0.1.
+0-shot rows in ``k_sweep`` and ``data_efficiency`` give the plots' reference line. Marks:
+``*`` Holm p < 0.05, ``+`` Holm p < 0.1. A sweep without the budget's point (K or training
+size) is drawn untested, with a logged note. Multiple-choice targets are scored by MC1.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class ClaimFigures:
         text = [[f"{100 * a:.1f}{m if isinstance(m, str) else ''}<br>[{100 * lo:.1f}, {100 * hi:.1f}]"
                  for a, m, lo, hi in zip(*(wide[c].loc[s] for c in columns))]
                 for s in acc.index]
-        k, n = int(part["k"].iloc[0]), int(part["n"].max())
+        k, sizes = int(part["k"].iloc[0]), sorted(set(part["n"]))
+        n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
         fig = plot_transfer(relative, title=f"{model}, K={k}, {n} test examples per cell: "
                                             "accuracy (%) [95% CI]<br>colour: relative to "
                                             "same-task heads; * Holm p<0.05, + Holm p<0.1")
@@ -127,16 +129,17 @@ class ClaimFigures:
         """The pooled rows of the three figures as Markdown tables (accuracy in % with its
         95% interval; effect against the reference in points with its interval; Holm p)."""
         parts = []
-        for title, frame, point in (
-                ("Fig. 2: heads from a source task, tuned on a target task", self.transfer,
-                 ("source", "heads from")),
-                ("Fig. 5: share of heads tuned", self.k_sweep, ("k", "K")),
-                ("Fig. 4: training examples", self.data_efficiency, ("n_train", "n train"))):
+        for title, frame, column, label, effect_label in (
+                ("Fig. 2: heads from a source task, tuned on a target task (one-sided tests)",
+                 self.transfer, "source", "heads from", "same-task minus this"),
+                ("Fig. 5: share of heads tuned (two-sided tests)", self.k_sweep, "k", "K",
+                 "this minus reference"),
+                ("Fig. 4: training examples (two-sided tests)", self.data_efficiency, "n_train",
+                 "n train", "this minus reference")):
             if frame.empty:
                 continue
-            column, label = point
-            lines = [f"## {title}", "", f"| model | task | {label} | n | accuracy [95% CI] | "
-                     "reference | effect [95% CI] | p | p (Holm) |", "|---" * 9 + "|"]
+            lines = [f"## {title}", "", f"| model | task | {label} | metric | n | accuracy [95% "
+                     f"CI] | reference | {effect_label} [95% CI] | p | p (Holm) |", "|---" * 10 + "|"]
             for _, r in frame[frame["seed"] == "pooled"].iterrows():
                 shown = "0-shot" if r.get("method") == "zero_shot" else r[column]
                 pct, fp = stats.format_pct, stats.format_p
@@ -144,7 +147,7 @@ class ClaimFigures:
                 effect = (f"{100 * r['effect']:+.1f} [{100 * r['effect_low']:+.1f}, "
                           f"{100 * r['effect_high']:+.1f}] | {fp(r['p'])} | "
                           f"{fp(r['p_holm'])}{r['mark']}" if tested else " | | ")
-                lines.append(f"| {r['model']} | {r['task']} | {shown} | {r['n']} | "
+                lines.append(f"| {r['model']} | {r['task']} | {shown} | {r['metric']} | {r['n']} | "
                              f"{pct(r['accuracy'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | "
                              f"{r['reference']} | {effect} |")
             parts += lines + [""]
@@ -230,14 +233,25 @@ def claim_figures(
     Fig. 5 (``fractions``) and Fig. 4 (``sizes``) on ``model``, on the claims' design (module
     docstring). ``budget``, ``seeds``, ``k``, ``n_test``, ``task_overrides`` and
     ``overrides``: as in ``replicate_claims``; pass the same ones to read its cells back.
-    ``fractions=()`` / ``sizes=()`` skip a sweep."""
+    ``fractions`` lie in (0, 1); ``sizes`` are counts of training examples; ``fractions=()`` /
+    ``sizes=()`` skip a sweep."""
     say = log or (lambda message: None)
     seeds = sorted(seeds)
     if not tasks:
         raise ValueError("claim_figures needs at least one task to evaluate")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds {seeds}: each seed once (a repeated seed would split the test "
+                         "set for a seed that is then pooled once)")
+    bad = [f for f in fractions if not 0 < f < 1] + [n for n in sizes if not (
+        isinstance(n, int) and n > 0)]
+    if bad:
+        raise ValueError(f"fractions must lie in (0, 1) and sizes be positive counts; got {bad}")
     sources = list(dict.fromkeys([*tasks, *(sources or [])]))
     runs = claim_runs(sources, budget, seeds, k, n_test, task_overrides, say, **overrides)
     labels = {t: runs[t, seeds[0]][0].name for t in sources}
+    if len(set(labels.values())) != len(labels) or RANDOM in labels.values():
+        raise ValueError(f"task names {list(labels.values())}: each must be distinct and not "
+                         f"{RANDOM!r} (the random-heads row)")
     name = model_id(model)
     dims = model_dims(model)
     first = runs[tasks[0], seeds[0]][1]
@@ -285,9 +299,14 @@ def claim_figures(
     transfer = _frame(rows)
 
     # --- Fig. 5 and Fig. 4: one row per point, then 0-shot
-    def sweep(points: Sequence[Any], keys: Callable[[str, Optional[Any]], dict],
-              record: Callable[[str, int, Any], dict], reference: Optional[Any],
-              label: str) -> pd.DataFrame:
+    def sweep(what: str, points: Sequence[Any], keys: Callable[[str, Any], dict],
+              zero_keys: dict, record: Callable[[str, int, Any], dict],
+              reference: Any) -> pd.DataFrame:
+        """Rows of every point of every task; each point but ``reference`` tested against it
+        (no test when ``reference`` is not among ``points``)."""
+        if reference not in points:
+            say(f"[{name}] {what}: the claims' point ({reference}) is not among {list(points)}: "
+                "drawn without tests")
         rows, tested = [], []
         for task_name in tasks:
             at = {p: {s: record(task_name, s, p) for s in seeds} for p in points}
@@ -295,35 +314,35 @@ def claim_figures(
                 rows += _rows({"model": name, "task": labels[task_name], "method": "lofit",
                                **keys(task_name, point)}, at[point])
                 if reference in at and point != reference:
-                    tested.append((len(rows) - 1, _pooled(at[point]), _pooled(at[reference]), label))
+                    tested.append((len(rows) - 1, _pooled(at[point]), _pooled(at[reference]),
+                                   what.split()[0] + f"={reference}"))
             rows += _rows({"model": name, "task": labels[task_name], "method": "zero_shot",
-                           **keys(task_name, None)}, zero_shot[task_name])
+                           **zero_keys}, zero_shot[task_name])
         _tests(rows, tested, "two-sided")
         return _frame(rows)
 
     def k_of(fraction: float) -> int:
         return dataclasses.replace(first, k=fraction).num_heads(dims.total_heads)
 
+    share = {}  # K -> the first fraction that rounds to it (fractions of one K share a cell)
+    for f in fractions:
+        share.setdefault(k_of(f), f)
     k_sweep = sweep(
-        fractions,
-        lambda t, f: {"fraction": 0.0, "k": 0} if f is None else {"fraction": f, "k": k_of(f)},
-        lambda t, s, f: cell(t, s, [tuple(h) for h in selection(t, s).top(k_of(f))],
-                             f"K={k_of(f)} {labels[t]}"),
-        next((f for f in fractions if k_of(f) == n_heads), None),
-        f"K={n_heads}") if fractions else pd.DataFrame()
-    train_size = first.max_train_examples
+        "K sweep", list(share), lambda t, k: {"fraction": share[k], "k": k},
+        {"fraction": 0.0, "k": 0},
+        lambda t, s, k: cell(t, s, [tuple(h) for h in selection(t, s).top(k)], f"K={k} {labels[t]}"),
+        n_heads) if fractions else pd.DataFrame()
 
     def used(t: str, n: int) -> int:  # a size beyond the training data uses all of it
         return len(runs[t, seeds[0]][0].train_examples(seeds[0], n))
 
     data_efficiency = sweep(
-        sizes,
-        lambda t, n: ({"size": 0, "n_train": 0, "k": 0} if n is None
-                      else {"size": n, "n_train": used(t, n), "k": n_heads}),
+        "n training examples", list(sizes),
+        lambda t, n: {"size": n, "n_train": used(t, n), "k": n_heads},
+        {"size": 0, "n_train": 0, "k": 0},
         lambda t, s, n: cell(t, s, [tuple(h) for h in selection(t, s, n).top(n_heads)],
                              f"n={n} {labels[t]}", size=n),
-        train_size if train_size in sizes else None,
-        f"n={train_size}") if sizes else pd.DataFrame()
+        first.max_train_examples) if sizes else pd.DataFrame()
     settings = {name: {"budget": budget, "tasks": [labels[t] for t in tasks],
                        "sources": [labels[t] for t in sources], "seeds": seeds,
                        "k": n_heads, "fractions": list(fractions), "sizes": list(sizes),
