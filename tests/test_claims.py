@@ -13,7 +13,7 @@ import torch
 
 from lofit_lens.analysis import cells as run_cache
 from lofit_lens.analysis import claims
-from lofit_lens.analysis.claim_figures import claim_figures
+from lofit_lens.analysis.claim_figures import ClaimFigures, claim_figures
 from lofit_lens.analysis.claims import (
     COLUMNS, band_test, band_width, finish_family, overlap_test, replicate_claims, seed_subsets,
 )
@@ -290,7 +290,14 @@ def test_claim_figures_draw_intervals(figures, tmp_path):
     assert rows and all(line.count("|") == 11 for line in rows)  # 10 cells, tested or not
     paths = figures.save(tmp_path, formats=("html",))
     assert {p.name for p in paths} >= {"transfer.csv", "k_sweep.csv", "data_efficiency.csv",
-                                       "claim_figures.md", "fig5_k_sweep.html"}
+                                       "settings.json", "claim_figures.md", "fig5_k_sweep.html"}
+    again = ClaimFigures.load(tmp_path)  # the saved tables draw the same figures and tables
+    assert again.markdown() == figures.markdown() and again.settings == json.loads(
+        json.dumps(figures.settings))
+    assert set(again.figures()) == set(figs)
+    (tmp_path / "k_sweep.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="k_sweep"):
+        ClaimFigures.load(tmp_path)
 
 
 def test_claims_and_claim_figures_command_lines_share_the_design():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -42,11 +43,9 @@ from lofit_lens.analysis.sweeps import plot_data_efficiency, plot_k_sweep
 from lofit_lens.analysis.transfer import RANDOM, significance_mark
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.baselines.selectors import random_heads
-from lofit_lens.config import LoFiTConfig
 from lofit_lens.intervention import Head
 from lofit_lens.intervals import wilson_ci
 from lofit_lens.store import slug
-from lofit_lens.tasks.base import Task
 from lofit_lens.training import TrainingSet
 
 FRACTIONS = (0.03, 0.1, 0.5)
@@ -54,8 +53,10 @@ FRACTIONS = (0.03, 0.1, 0.5)
 SIZES = (16, 40)
 """Fig. 4's points on a 2-core CPU (the paper's: ``budgets.SIZES``)."""
 
+FRAMES = ("transfer", "k_sweep", "data_efficiency")
+"""The tables of ``ClaimFigures``, in the order ``save`` writes them."""
+
 Log = Callable[[str], None]
-Run = tuple[Task, LoFiTConfig]
 
 
 @dataclass
@@ -79,9 +80,25 @@ class ClaimFigures:
 
     @classmethod
     def concat(cls, parts: Sequence["ClaimFigures"]) -> "ClaimFigures":
-        frames = {f: pd.concat([getattr(p, f) for p in parts], ignore_index=True)
-                  for f in ("transfer", "k_sweep", "data_efficiency")}
+        frames = {f: pd.concat([getattr(p, f) for p in parts], ignore_index=True) for f in FRAMES}
         return cls(**frames, settings={k: v for p in parts for k, v in p.settings.items()})
+
+    @classmethod
+    def load(cls, folder: Union[str, Path]) -> "ClaimFigures":
+        """What ``save`` wrote to ``folder`` (the tables and settings; the figures are drawn
+        again from them). A missing table: ``FileNotFoundError`` naming it."""
+        folder = Path(folder)
+        frames = {}
+        for name in FRAMES:
+            path = folder / f"{name}.csv"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no {name} table (ClaimFigures.save writes "
+                                        f"{', '.join(f + '.csv' for f in FRAMES)})")
+            text = path.read_text().strip()
+            frame = pd.read_csv(path, dtype={"seed": str}) if text else pd.DataFrame()
+            frames[name] = _frame(frame.to_dict("records")) if not frame.empty else frame
+        settings = folder / "settings.json"
+        return cls(**frames, settings=json.loads(settings.read_text()) if settings.is_file() else {})
 
     def transfer_figure(self, model: str) -> go.Figure:
         """Fig. 2 of ``model``: colour = accuracy relative to the column's same-task cell; text
@@ -154,17 +171,20 @@ class ClaimFigures:
         return "\n".join(parts)
 
     def save(self, out: Union[str, Path], formats: Sequence[str] = ("html", "png")) -> list[Path]:
-        """``transfer.csv``, ``k_sweep.csv``, ``data_efficiency.csv``, ``claim_figures.md``
-        and every figure under ``out``."""
+        """``transfer.csv``, ``k_sweep.csv``, ``data_efficiency.csv``, ``settings.json``,
+        ``claim_figures.md`` and every figure under ``out`` (``formats=()``: no figure)."""
         from lofit_lens.analysis.plotting import save_figure
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         paths = []
-        for name in ("transfer", "k_sweep", "data_efficiency"):
+        for name in FRAMES:
             path = out / f"{name}.csv"
             getattr(self, name).to_csv(path, index=False)
             paths.append(path)
+        path = out / "settings.json"
+        path.write_text(json.dumps(self.settings, indent=2, default=str))
+        paths.append(path)
         path = out / "claim_figures.md"
         path.write_text(self.markdown())
         paths.append(path)
