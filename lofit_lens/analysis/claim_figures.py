@@ -276,23 +276,28 @@ def claim_figures(
     dims = model_dims(model)
     first = runs[tasks[0], seeds[0]][1]
     n_heads = first.num_heads(dims.total_heads)
-    data = {key: functools.cache(functools.partial(TrainingSet.build, model, *run))
-            for key, run in runs.items()}
-
-    def selection(task_name: str, seed: int, size: Optional[int] = None):
+    @functools.cache
+    def sized_run(task_name: str, seed: int, size: Optional[int]):
         task_obj, cfg = runs[task_name, seed]
-        if size is None or size == cfg.max_train_examples:
-            return cached_selection(model, task_obj, cfg, cache_dir, progress, data[task_name, seed])
-        return cached_selection(model, task_obj, dataclasses.replace(cfg, max_train_examples=size),
-                                cache_dir, progress)
+        if size is not None:
+            cfg = dataclasses.replace(cfg, max_train_examples=size)
+        return task_obj, cfg, functools.cache(functools.partial(TrainingSet.build, model, task_obj, cfg))
+
+    def run_at(task_name: str, seed: int, size: Optional[int] = None):
+        """(task, config, training-set builder) of a run with ``size`` training examples
+        (``None``: the budget's); one builder per run, shared by its selection and cells."""
+        budget_size = runs[task_name, seed][1].max_train_examples
+        return sized_run(task_name, seed, None if size == budget_size else size)
+
+    @functools.cache
+    def selection(task_name: str, seed: int, size: Optional[int] = None):
+        task_obj, cfg, data = run_at(task_name, seed, size)
+        return cached_selection(model, task_obj, cfg, cache_dir, progress, data)
 
     def cell(task_name: str, seed: int, heads: Optional[Sequence[Head]], what: str,
              size: Optional[int] = None) -> dict[str, Any]:
-        task_obj, cfg = runs[task_name, seed]
-        builder = data[task_name, seed]
-        if size is not None and size != cfg.max_train_examples:
-            cfg, builder = dataclasses.replace(cfg, max_train_examples=size), None
-        record = claim_cell(model, task_obj, cfg, heads, cache_dir, progress, builder)
+        task_obj, cfg, data = run_at(task_name, seed, size)
+        record = claim_cell(model, task_obj, cfg, heads, cache_dir, progress, data)
         say(f"[{name}] {what} s{seed}: {record['metric']} {100 * record['accuracy']:.1f}"
             f"{' (cached)' if record['cached'] else ''}")
         return record
