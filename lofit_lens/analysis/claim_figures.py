@@ -16,7 +16,7 @@ over seeds (every pair in a test is a distinct example, compared within its seed
 * ``data_efficiency`` (Fig. 4): both steps on ``n`` training examples, for each ``n``, at the
   budget's K. Each point against the budget's training size, tested like ``k_sweep``.
 
-Every accuracy carries a Wilson 95% interval (``intervals.wilson_ci``), per seed and pooled;
+Every accuracy carries a Wilson 95% interval (``claims.seed_intervals``), per seed and pooled;
 0-shot rows in ``k_sweep`` and ``data_efficiency`` give the plots' reference line. Marks:
 ``*`` Holm p < 0.05, ``+`` Holm p < 0.1. A sweep without the budget's point (K or training
 size) is drawn untested, with a logged note. Multiple-choice targets are scored by MC1.
@@ -37,14 +37,15 @@ import plotly.graph_objects as go
 
 from lofit_lens.analysis import stats
 from lofit_lens.analysis.cells import cached_selection
-from lofit_lens.analysis.claims import DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, claim_cell, claim_runs
+from lofit_lens.analysis.claims import (
+    DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, claim_cell, claim_runs, seed_intervals,
+)
 from lofit_lens.analysis.plotting import plot_transfer
 from lofit_lens.analysis.sweeps import plot_data_efficiency, plot_k_sweep
 from lofit_lens.analysis.transfer import RANDOM, significance_mark
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.intervention import Head
-from lofit_lens.intervals import wilson_ci
 from lofit_lens.store import slug
 from lofit_lens.training import TrainingSet
 
@@ -195,16 +196,15 @@ class ClaimFigures:
 
 # ---------------------------------------------------------------------- rows and tests
 def _rows(keys: Mapping[str, Any], per_seed: Mapping[int, Mapping[str, Any]]) -> list[dict]:
-    """One row per seed and a pooled row for one point; ``per_seed``: the seeds' records."""
-    rows = []
-    groups = [(str(s), [r]) for s, r in per_seed.items()] + [("pooled", list(per_seed.values()))]
-    for label, records in groups:
-        values = np.concatenate([np.asarray(r["correct"], float) for r in records])
-        low, high = wilson_ci(values.sum(), len(values))
-        rows.append({**keys, "seed": label, "n": len(values), "metric": records[0]["metric"],
-                     "accuracy": float(values.mean()), "ci_low": low, "ci_high": high,
-                     "cached": all(r["cached"] for r in records)})
-    return rows
+    """One row per seed and a pooled row for one point (``claims.seed_intervals``: Wilson
+    95%); ``per_seed``: the seeds' records."""
+    cached = {str(s): r["cached"] for s, r in per_seed.items()}
+    cached["pooled"] = all(cached.values())
+    metric = next(iter(per_seed.values()))["metric"]
+    return [{**keys, "seed": row["seed"], "n": row["n"], "metric": metric,
+             "accuracy": row["score"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
+             "cached": cached[row["seed"]]}
+            for row in seed_intervals({s: r["correct"] for s, r in per_seed.items()})]
 
 
 def _pooled(per_seed: Mapping[int, Mapping[str, Any]]) -> np.ndarray:

@@ -479,23 +479,31 @@ class ClaimsReport:
         return paths + [path]
 
 
-def _accuracy_rows(model_name: str, task: str, method: str, metric: str,
-                   per_seed: Mapping[int, Sequence[float]], n_bootstrap: int) -> list[dict]:
+def seed_intervals(per_seed: Mapping[Any, Sequence[float]], continuous: bool = False,
+                   n_bootstrap: int = 2000) -> list[dict[str, Any]]:
+    """One row per seed, then one ``"pooled"`` over all seeds' examples: ``seed``, ``n``,
+    ``score`` (the mean) and its 95% interval ``ci_low`` / ``ci_high`` (``ci``: Wilson for
+    0/1 scores; bootstrap over questions when ``continuous``, e.g. MC2)."""
     rows = []
     groups = [(str(s), list(v)) for s, v in per_seed.items()]
     groups.append(("pooled", [x for v in per_seed.values() for x in v]))
     for label, values in groups:
         values = np.asarray(values, float)
-        if metric == "mc2":
+        if continuous:
             low, high = stats.bootstrap_ci(values, n_bootstrap=n_bootstrap)
             how = "bootstrap over questions"
         else:
             low, high = stats.wilson_ci(values.sum(), len(values))
             how = "Wilson"
-        rows.append({"model": model_name, "task": task, "method": method, "metric": metric,
-                     "seed": label, "n": len(values), "score": float(values.mean()),
+        rows.append({"seed": label, "n": len(values), "score": float(values.mean()),
                      "ci_low": low, "ci_high": high, "ci": how})
     return rows
+
+
+def _accuracy_rows(model_name: str, task: str, method: str, metric: str,
+                   per_seed: Mapping[int, Sequence[float]], n_bootstrap: int) -> list[dict]:
+    return [{"model": model_name, "task": task, "method": method, "metric": metric, **row}
+            for row in seed_intervals(per_seed, metric == "mc2", n_bootstrap)]
 
 
 def replicate_claims(
