@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from analysis.claims import add_design_arguments, design_options
-from analysis.common import RunLog, TASKS, load, parser
+from analysis.common import RunLog, TASKS, load, parser, write_figure
 from lofit_lens.analysis.claim_figures import FRACTIONS, SIZES, ClaimFigures, claim_figures
 from lofit_lens.analysis.claims import DEFAULT_SELECTION_TASKS
 from lofit_lens.store import slug
@@ -52,7 +52,6 @@ def build_parser():
                         "no value)")
     p.add_argument("--sizes", type=int, nargs="*", default=list(SIZES),
                    help="Fig. 4: training-set sizes (default 16 40)")
-    p.add_argument("--formats", nargs="+", default=["html", "png"])
     return p
 
 
@@ -66,11 +65,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         part = claim_figures(model, tasks=args.tasks, sources=args.sources,
                              fractions=args.fractions, sizes=args.sizes, **design_options(args))
         log.lap(f"figures {name}", start)
-        files += save(part, args.out / slug(name), args.formats)
+        files += save(part, args.out / slug(name))
         parts.append(part)
         del model
     combined = ClaimFigures.concat(parts)
-    files += save(combined, args.out, args.formats)
+    files += save(combined, args.out)
     log.info["settings"] = combined.settings
     log.write(args.out, files)
     pooled = combined.transfer[combined.transfer["seed"] == "pooled"]
@@ -79,13 +78,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def save(figures: ClaimFigures, out: Path, formats: Sequence[str]) -> list[Path]:
-    """``figures.save``; without a browser for PNG, the tables and HTML only (a warning)."""
-    try:
-        return figures.save(out, formats)
-    except RuntimeError as err:
-        print(f"warning: {err}", file=sys.stderr)
-        return figures.save(out, [f for f in formats if f == "html"])
+def save(figures: ClaimFigures, out: Path) -> list[Path]:
+    """The tables, then each figure as HTML + PNG (``write_figure``: HTML only, with a warning,
+    without a browser for PNG)."""
+    files = figures.save(out, formats=())
+    for stem, fig in figures.figures().items():
+        files += write_figure(fig, out / stem)
+    return files
 
 
 if __name__ == "__main__":

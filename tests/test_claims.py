@@ -291,6 +291,8 @@ def test_claim_figures_draw_intervals(figures, tmp_path):
     paths = figures.save(tmp_path, formats=("html",))
     assert {p.name for p in paths} >= {"transfer.csv", "k_sweep.csv", "data_efficiency.csv",
                                        "settings.json", "claim_figures.md", "fig5_k_sweep.html"}
+    tables_only = figures.save(tmp_path / "tables", formats=())
+    assert {p.suffix for p in tables_only} == {".csv", ".json", ".md"}
     again = ClaimFigures.load(tmp_path)  # the saved tables draw the same figures and tables
     assert again.markdown() == figures.markdown() and again.settings == json.loads(
         json.dumps(figures.settings))

@@ -189,7 +189,7 @@ class ClaimFigures:
         path = out / "claim_figures.md"
         path.write_text(self.markdown())
         paths.append(path)
-        for stem, fig in self.figures().items():
+        for stem, fig in (self.figures().items() if formats else ()):
             paths += save_figure(fig, out / stem, formats)
         return paths
 
