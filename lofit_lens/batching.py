@@ -106,7 +106,8 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def encode_pair(tokenizer, prompt: str, continuation: str, *, joint: bool,
-                add_eos: bool = False, force_bos: bool = False, back_off: bool = True) -> Pair:
+                add_eos: bool = False, force_bos: bool = False, back_off: bool = True,
+                prompt_ids: Optional[list[int]] = None) -> Pair:
     """(prompt ids, continuation ids) of ``prompt + continuation``.
 
     ``joint``: tokenise the whole string once and split it where the prompt's own tokens end;
@@ -115,16 +116,18 @@ def encode_pair(tokenizer, prompt: str, continuation: str, *, joint: bool,
     scorer). A sentencepiece tokenizer such as Llama-2's then gives
     ``"▁Paris"`` where tokenising ``" Paris"`` alone gives ``"▁", "▁Paris"``.
     ``force_bos``: tokenise without special tokens and put BOS first whether or not the
-    tokenizer adds one (TRL 0.8.1's DPOTrainer).
+    tokenizer adds one (TRL 0.8.1's DPOTrainer). ``prompt_ids``: ``prompt`` already tokenised
+    as here (several continuations of one prompt tokenise it once).
     """
     special = not force_bos
+    if prompt_ids is None:
+        prompt_ids = list(tokenizer(prompt, add_special_tokens=special).input_ids)
     if joint:
         full = list(tokenizer(prompt + continuation, add_special_tokens=special).input_ids)
-        own = list(tokenizer(prompt, add_special_tokens=special).input_ids)
+        own = prompt_ids
         start = len(own) if full[:len(own)] == own or not back_off else len(own) - 1
         prompt_ids, cont_ids = full[:start], full[start:]
     else:
-        prompt_ids = list(tokenizer(prompt, add_special_tokens=special).input_ids)
         cont_ids = list(tokenizer(continuation, add_special_tokens=False).input_ids)
     if force_bos:
         prompt_ids = [tokenizer.bos_token_id, *prompt_ids]

@@ -1,34 +1,56 @@
-"""``doctor``: does this environment compute what lofit-lens relies on?
+"""``doctor``: does this environment compute what lofit-lens relies on, in the precision in use?
 
 Each check compares a fast path lofit-lens uses against a slow path that cannot share its
-fault: cached HF decoding against a full forward per token, batched against one prompt at a
-time, shared-prefix MC scoring against one answer at a time. ``lofit-lens run`` and
-``compare`` run the fast part before any training and stop with ``BrokenEnvironmentError``
-when a check fails, so a broken environment never produces a table.
+fault, on logits, within the rounding a correct computation shows in the model's dtype on
+its device (``lofit_lens.tolerance``; free-running greedy text is not compared, since a
+near-tie may fall either way in bf16):
+
+- the plain view the hot paths run (HF attention, interventions mirrored) against the
+  bridge's hook path, with an intervention on;
+- cached generation against a full forward teacher-forced on the generated tokens, with and
+  without an intervention, one prompt at a time and as a left-padded batch;
+- shared-prefix MC scoring against one full sequence per answer;
+- that no hook is left behind.
+
+``lofit-lens run`` and ``compare`` run the fast part before any training and stop with
+``BrokenEnvironmentError`` when a check fails, so a broken environment never produces a table.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
+from lofit_lens.backends import hf_forward
+from lofit_lens.backends.hf_cache import live_cache_aliases
+from lofit_lens.backends.hooked import (
+    hf_tokenizer, model_device, model_dims, model_id, uses_bridge,
+)
+from lofit_lens.backends.plain import plain_runner, plain_view
+from lofit_lens.batching import collate, pad_id
 from lofit_lens.errors import GOTCHAS, BrokenEnvironmentError
-from lofit_lens.eval.generation import greedy_generate
-from lofit_lens.backends.hf_cache import greedy_config, live_cache_aliases
-from lofit_lens.backends.hooked import hf_tokenizer, model_device, model_dims, model_id, uses_bridge
+from lofit_lens.eval.generation import greedy_steps
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.tasks.base import ChoiceExample
+from lofit_lens.tolerance import logit_tolerance, model_dtype
 from lofit_lens.versions import library_versions, lock_mismatches
 
 PROMPTS = ("The capital of France is", "Q: What is two plus two?\nA:")
 NEW_TOKENS = 8
-CHOICES = ChoiceExample("Q: What colour is the sky on a clear day?\nA:",
-                        ("Blue.", "Green.", "The sky is blue.", "Red, always."), (0, 2))
+CHOICES = (  # prompts of different lengths: the shared-prefix pass left-pads the short one
+    ChoiceExample("Q: What colour is the sky on a clear summer day, when no cloud can be "
+                  "seen from one horizon to the other?\nA:",
+                  ("Blue.", "Green.", "The sky is blue.", "Red, always."), (0, 2)),
+    ChoiceExample("Q: Is ice cold?\nA:", ("Yes.", "No."), (0,)),
+)
 LOCK = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
 
 
@@ -74,20 +96,21 @@ class DoctorReport:
 def doctor(model, fast: bool = False) -> DoctorReport:
     """Run the checks on ``model`` (a hooked model from ``load_model``) and return a report.
 
-    ``fast`` skips the comparison with plain HF ``generate`` on a second copy of the weights
-    (it loads the model again). Call ``.raise_if_failed()`` on the report to stop on failure.
+    ``fast`` skips the comparison with plain HF on a second copy of the weights (it loads the
+    model again). Call ``.raise_if_failed()`` on the report to stop on failure.
     """
     report = DoctorReport(model_id(model))
     hooks_before = _hook_counts(model)
     checks: list[tuple[str, Callable[[], tuple[str, str]]]] = [
         ("versions", _versions),
-        ("cached generation == full forward per token", lambda: _generation_vs_no_cache(model)),
-        ("same, with an intervention on", lambda: _generation_vs_no_cache(model, intervened=True)),
-        ("batched generation == one prompt at a time", lambda: _batched_vs_single(model)),
+        ("plain view == hook path", lambda: _plain_vs_hooks(model)),
+        ("cached generation == full forward per token", lambda: _generation(model, batch_size=1)),
+        ("same, with an intervention on", lambda: _generation(model, batch_size=1, intervened=True)),
+        ("batched generation == one prompt at a time", lambda: _generation(model, len(PROMPTS))),
         ("shared-prefix MC == one answer at a time", lambda: _shared_prefix_mc(model)),
     ]
     if not fast:
-        checks.append(("generation == plain HF generate", lambda: _vs_plain_hf(model)))
+        checks.append(("generation == plain HF on a second copy", lambda: _vs_plain_hf(model)))
     for name, run in checks:
         start = time.perf_counter()
         try:
@@ -116,6 +139,9 @@ def _hook_counts(model) -> dict[str, int]:
     counts = {name: len(point.fwd_hooks) + len(point.bwd_hooks)
               for name, point in model.hook_dict.items()}
     counts["cache aliases (lofit_lens.backends.hf_cache)"] = live_cache_aliases()
+    view = plain_view(model)
+    if view is not None:
+        counts["plain view (lofit_lens.backends.plain)"] = view.live
     return counts
 
 
@@ -127,45 +153,95 @@ def _strong_intervention(model) -> HeadIntervention:
     return HeadIntervention.for_model(model, use_scale=False).set_heads(heads).init_normal(1.0, gen)
 
 
+def _within(model, got: Tensor, reference: Tensor) -> tuple[bool, str]:
+    """Whether ``got`` equals ``reference`` (logits) within the model's rounding tolerance,
+    and the measured gap against that tolerance."""
+    tol = logit_tolerance(model_dtype(model), model_dims(model).n_layers, reference)
+    gap = float((got.float() - reference.float()).abs().max())
+    return gap <= tol, f"max |difference| {gap:.2g} (tolerance {tol:.2g}, {_precision(model)})"
+
+
+def _precision(model) -> str:
+    return f"{str(model_dtype(model)).removeprefix('torch.')} on {model_device(model).type}"
+
+
+@torch.no_grad()
+def full_forward_logits(model, ids: list[int]) -> Float[Tensor, "pos vocab"]:
+    """Logits at every position of one unpadded row, by the hooked model's own forward (on a
+    bridge: its hook path, not the plain view), no KV cache: the reference."""
+    tokens = torch.tensor([ids], device=model_device(model))
+    return model(tokens, return_type="logits")[0].float().cpu()
+
+
 @torch.no_grad()
 def greedy_no_cache(model, ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation by one full forward per token and no KV cache: slow, but it
-    shares no cache plumbing with generation, which makes it the ground truth here."""
+    shares no cache plumbing with generation."""
     eos = hf_tokenizer(model).eos_token_id
     seq = list(ids)
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([seq], device=model_device(model)), return_type="logits")
-        token = int(logits[0, -1].argmax())
+        token = int(full_forward_logits(model, seq)[-1].argmax())
         if token == eos:
             break
         seq.append(token)
     return seq[len(ids):]
 
 
-def _decode(model, ids: list[int]) -> str:
-    return hf_tokenizer(model).decode(ids, skip_special_tokens=True)
-
-
-def _generation_vs_no_cache(model, intervened: bool = False) -> tuple[str, str]:
+def _plain_vs_hooks(model) -> tuple[str, str]:
+    """The plain view's logits (training and evaluation run there) against the bridge's hook
+    path, on a right-padded batch with an intervention on."""
+    if not uses_bridge(model):
+        return "pass", "not used here (TL 3.x runs its own blocks)"
+    view = plain_view(model)
+    if view is None:
+        return "warn", "no plain view: the hot paths run through the bridge (slower; docs/gotchas.md)"
     tok = hf_tokenizer(model)
+    batch = collate([(tok(p).input_ids, tok(" yes").input_ids) for p in PROMPTS],
+                    pad_id(tok)).to(model_device(model))
+    real = batch.attention_mask.bool().nonzero(as_tuple=True)
+    n_layers = model_dims(model).n_layers
+    with torch.no_grad(), _strong_intervention(model).attach(model):
+        runner = plain_runner(model)
+        if runner is None:
+            return "warn", (f"{view.foreign_hooks()} hook(s) not added by lofit-lens are attached: "
+                            "the hot paths run through the bridge while they are")
+        plain = hf_forward.logits_at(runner, n_layers, batch.tokens, batch.attention_mask, real)
+        hooked = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")[real]
+    with torch.no_grad():
+        untouched = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")[real]
+    ok, detail = _within(model, plain, hooked)
+    if not ok:
+        return "fail", f"{view.attn_implementation} plain view vs eager hook path: {detail}"
+    effect = float((hooked.float() - untouched.float()).abs().max())
+    if not effect > 10 * float((plain.float() - hooked.float()).abs().max()):
+        return "warn", f"equal, but the test intervention barely changed the logits ({effect:.2g})"
+    return "pass", f"{view.attn_implementation} plain view vs eager hook path: {detail}"
+
+
+def _generation(model, batch_size: int, intervened: bool = False) -> tuple[str, str]:
+    """Cached greedy generation (``batch_size`` prompts a batch, left-padded) against a full
+    forward of each prompt + its generated tokens: each step's logits, or under TL 3.x (no
+    logits from its ``generate``) each token within tolerance of the full forward's best."""
+    tok = hf_tokenizer(model)
+    rows = [tok(p).input_ids for p in PROMPTS]
     attach = _strong_intervention(model).attach(model) if intervened else contextlib.nullcontext()
     with attach:
-        expected = [_decode(model, greedy_no_cache(model, tok(p).input_ids, NEW_TOKENS))
-                    for p in PROMPTS]
-        got = greedy_generate(model, list(PROMPTS), NEW_TOKENS, progress=False)
-    if got != expected:
-        return "fail", f"cached {got!r} vs full forward {expected!r}"
-    if intervened and got == greedy_generate(model, list(PROMPTS), NEW_TOKENS, progress=False):
-        return "warn", "equal, but the test intervention did not change the text (inconclusive)"
-    return "pass", f"{len(PROMPTS)} prompts x {NEW_TOKENS} tokens equal: {got[0]!r}"
-
-
-def _batched_vs_single(model) -> tuple[str, str]:
-    batched = greedy_generate(model, list(PROMPTS), NEW_TOKENS, batch_size=len(PROMPTS), progress=False)
-    single = [greedy_generate(model, [p], NEW_TOKENS, progress=False)[0] for p in PROMPTS]
-    if batched != single:
-        return "fail", f"batched {batched!r} vs one at a time {single!r}"
-    return "pass", "left-padded batch equals unpadded rows"
+        steps = greedy_steps(model, rows, NEW_TOKENS, batch_size)
+        worst: Optional[tuple[bool, str]] = None
+        for row, (new, logits) in zip(rows, steps):
+            reference = full_forward_logits(model, row + new)[len(row) - 1:len(row) - 1 + len(new)]
+            if logits is None:  # TL 3.x: the chosen token's logit must be the best, within tolerance
+                logits = reference.clone()
+                chosen = reference.gather(-1, torch.tensor(new)[:, None])
+                logits.scatter_(-1, reference.argmax(-1, keepdim=True), chosen)
+            ok, detail = _within(model, logits, reference)
+            if worst is None or not ok:
+                worst = (ok, detail)
+            if not ok:
+                break
+    ok, detail = worst
+    what = f"{len(rows)} prompts x {NEW_TOKENS} tokens" + (f", batches of {batch_size}" if batch_size > 1 else "")
+    return ("pass" if ok else "fail"), f"{what}: {detail}"
 
 
 def _shared_prefix_mc(model) -> tuple[str, str]:
@@ -173,37 +249,45 @@ def _shared_prefix_mc(model) -> tuple[str, str]:
 
     if not uses_bridge(model):
         return "pass", "not used here (TL 3.x scores full sequences)"
-    shared = choice_scores(model, [CHOICES], progress=False, share_prefix=True)[0]
-    full = choice_scores(model, [CHOICES], progress=False, share_prefix=False)[0]
+    shared = torch.cat(choice_scores(model, list(CHOICES), progress=False, share_prefix=True))
+    full = torch.cat(choice_scores(model, list(CHOICES), progress=False, share_prefix=False))
+    tok = hf_tokenizer(model)
+    longest = max((ex.prompt + " " + c for ex in CHOICES for c in ex.choices), key=len)
+    answer_tokens = max(len(tok(" " + c).input_ids) for ex in CHOICES for c in ex.choices)
+    # A sum of answer_tokens log-probs, each as far off as a logit: independent rounding
+    # errors add in quadrature.
+    per_token = logit_tolerance(model_dtype(model), model_dims(model).n_layers,
+                                full_forward_logits(model, tok(longest).input_ids))
+    tol = per_token * math.sqrt(answer_tokens)
     gap = float((shared - full).abs().max())
-    if gap > 1e-3:
-        return "fail", f"answer log-probs differ by up to {gap:.3g} (shared {shared.tolist()} vs full {full.tolist()})"
-    return "pass", f"{len(CHOICES.choices)} answers, max |difference| {gap:.1e}"
+    n = sum(len(ex.choices) for ex in CHOICES)
+    if not gap <= tol:
+        return "fail", (f"answer log-probs differ by up to {gap:.3g} (tolerance {tol:.2g}, "
+                        f"{_precision(model)}; shared {shared.tolist()} vs full {full.tolist()})")
+    return "pass", f"{n} answers: max |difference| {gap:.2g} (tolerance {tol:.2g}, {_precision(model)})"
 
 
 def _vs_plain_hf(model) -> tuple[str, str]:
+    """lofit-lens's cached generation against plain HF's forward on a second copy of the
+    weights, teacher-forced on the generated tokens."""
     from lofit_lens.backends.hf import load_hf
 
     name = getattr(model, "lofit_model_id", None)
     if name is None:
         return "warn", "skipped: the model was not loaded by lofit_lens.load_model"
-    hf_model, tok = load_hf(name, device=str(model_device(model)), dtype=_dtype(model))
-    expected = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([tok(prompt).input_ids], device=model_device(model))
+    hf_model, tok = load_hf(name, device=str(model_device(model)), dtype=model_dtype(model))
+    rows = [tok(p).input_ids for p in PROMPTS]
+    worst = None
+    for row, (new, logits) in zip(rows, greedy_steps(model, rows, NEW_TOKENS, len(rows))):
         with torch.no_grad():
-            out = hf_model.generate(ids, generation_config=greedy_config(
-                NEW_TOKENS, tok.pad_token_id, tok.eos_token_id))
-        new = out[0, ids.shape[1]:].tolist()
-        if tok.eos_token_id in new:
-            new = new[:new.index(tok.eos_token_id)]
-        expected.append(tok.decode(new, skip_special_tokens=True))
-    got = greedy_generate(model, list(PROMPTS), NEW_TOKENS, progress=False)
-    if got != expected:
-        return "fail", f"lofit-lens {got!r} vs HF generate {expected!r}"
-    return "pass", "equal text on a second, plain HF copy of the weights"
-
-
-def _dtype(model) -> Optional[torch.dtype]:
-    dtype = getattr(model.cfg, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else None
+            ids = torch.tensor([row + new], device=model_device(model))
+            reference = hf_model(ids).logits[0, len(row) - 1:len(row) - 1 + len(new)].float().cpu()
+        if logits is None:
+            logits = full_forward_logits(model, row + new)[len(row) - 1:len(row) - 1 + len(new)]
+        ok, detail = _within(model, logits, reference)
+        if worst is None or not ok:
+            worst = (ok, detail)
+        if not ok:
+            break
+    ok, detail = worst
+    return ("pass" if ok else "fail"), f"{len(rows)} prompts x {NEW_TOKENS} tokens: {detail}"

@@ -27,15 +27,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.backends.hooked import Prefix, model_device, residual_entering, supports_prefix
+from lofit_lens.backends.hooked import (
+    Prefix, model_device, model_dims, residual_entering, supports_prefix,
+)
+from lofit_lens.tolerance import logit_tolerance, model_dtype
 from lofit_lens.batching import Pair, collate
 
 logger = logging.getLogger(__name__)
-
-CHECK_ATOL = 1e-5
-"""Largest difference, on the check batch, between a loss computed from the prefix and the full
-forward (the same tolerance the tests hold the cached path to)."""
-
 
 class PrefixStore:
     """The residual stream entering block ``layer`` for each of ``len(self)`` rows
@@ -136,7 +134,8 @@ def frozen_prefix(model, objectives: Sequence, layer: int, batch_size: int,
     """Give ``objectives`` (``None`` entries skipped) a ``PrefixStore`` at ``layer`` for the
     ``with`` body; yields whether they use it. Call with the intervention attached: the check
     compares, on the first rows of the first objective, the value computed from the prefix
-    with the full forward's (``CHECK_ATOL``), and any difference keeps the full path."""
+    with the full forward's, and a difference beyond rounding in the model's dtype
+    (``lofit_lens.tolerance``) keeps the full path."""
     objectives = [o for o in objectives if o is not None and len(o)]
     if layer <= 0 or budget_mb <= 0 or not objectives:
         yield False
@@ -176,9 +175,10 @@ def _agrees(model, objective, store: PrefixStore, batch_size: int) -> bool:
     finally:
         objective.prefix_store = None
     gap = float((full - cached).abs().max())
-    if not gap <= CHECK_ATOL:
-        logger.warning("frozen prefix: a check batch differs by %.2g from the full forward on "
-                       "%s (its forward edits the input embeddings?): training runs every layer",
-                       gap, type(model).__name__)
+    tol = logit_tolerance(model_dtype(model), model_dims(model).n_layers, full)
+    if not gap <= tol:
+        logger.warning("frozen prefix: a check batch differs by %.2g from the full forward "
+                       "(tolerance %.2g) on %s (its forward edits the input embeddings?): "
+                       "training runs every layer", gap, tol, type(model).__name__)
         return False
     return True

@@ -61,23 +61,35 @@ def tiny_hf(tiny_tokenizer):
     return tiny_llama(tiny_tokenizer)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tiny_hf, tiny_tokenizer):
-    """The tiny Llama as ``load_model`` would give it: a TransformerBridge under TL 4.x, a
-    HookedTransformer (converted by ``lofit_lens.backends.tl3``) under TL 3.x."""
+def hooked_tiny(tiny_hf, tiny_tokenizer, dtype=torch.float32):
+    """The tiny Llama as ``load_model`` would give it, in ``dtype``: a TransformerBridge under
+    TL 4.x, a HookedTransformer (converted by ``lofit_lens.backends.tl3``) under TL 3.x."""
     from lofit_lens.backends.tl3 import _convert_with_hf_config, _hooked_transformer_class, use_hooked_transformer
     from lofit_lens.backends.hf import finish as _finish
 
+    hf = tiny_hf if dtype == torch.float32 else tiny_llama(tiny_tokenizer).to(dtype)  # same seed
     if use_hooked_transformer():
-        model = _convert_with_hf_config(_hooked_transformer_class(), tiny_hf, tiny_tokenizer,
-                                        "cpu", torch.float32, prepend_bos=False)
+        model = _convert_with_hf_config(_hooked_transformer_class(), hf, tiny_tokenizer,
+                                        "cpu", dtype, prepend_bos=False)
     else:
         from transformer_lens.model_bridge import TransformerBridge
 
         model = TransformerBridge.boot_transformers(
-            "tiny-llama", hf_model=tiny_hf, tokenizer=tiny_tokenizer, device="cpu", dtype=torch.float32)
+            "tiny-llama", hf_model=hf, tokenizer=tiny_tokenizer, device="cpu", dtype=dtype)
     model.cfg.default_prepend_bos = False
     return _finish(model, "tiny-llama", tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_hf, tiny_tokenizer):
+    """The tiny Llama in fp32 (``hooked_tiny``)."""
+    return hooked_tiny(tiny_hf, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def tiny_model_each_dtype(request, tiny_hf, tiny_tokenizer):
+    """The tiny Llama in fp32, then in bf16 (bf16 runs on a CPU too)."""
+    return hooked_tiny(tiny_hf, tiny_tokenizer, request.param)
 
 
 @pytest.fixture(scope="session")

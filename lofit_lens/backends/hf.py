@@ -129,14 +129,16 @@ module names (``model.layers.3``, ``lm_head``) to a device (``0``, ``"cuda:1"``,
 
 def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
             device_map: Optional[DeviceMap] = None, max_memory: Optional[dict] = None,
-            offload_folder: Optional[Union[str, Path]] = None):
+            offload_folder: Optional[Union[str, Path]] = None,
+            attn_implementation: Optional[str] = None):
     """The plain HF model and tokenizer behind ``name`` (for comparisons and LoRA).
 
     ``device_map`` (with optional ``max_memory``, ``offload_folder``): accelerate's big-model
     loading places each module on its device as the weights are read (no full copy on one
     device first); the model is then left where accelerate put it (``device`` must be
     ``None``). A map with more than one device, or a ``"disk"`` entry, gets accelerate's
-    dispatch hooks and ``hf_model.hf_device_map``."""
+    dispatch hooks and ``hf_model.hf_device_map``. ``attn_implementation``: HF's choice for
+    the architecture when ``None``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device_map is not None and device is not None:
@@ -148,6 +150,8 @@ def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype
         placement["max_memory"] = max_memory
     if offload_folder is not None:
         placement["offload_folder"] = str(offload_folder)
+    if attn_implementation is not None:
+        placement["attn_implementation"] = attn_implementation
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,

@@ -1,5 +1,7 @@
 """Cached decoding through public APIs: Hugging Face's own ``generate``/forward and its
-``Cache`` objects, run on the HF model a ``TransformerBridge`` wraps.
+``Cache`` objects, run on the plain view of a ``TransformerBridge`` (``backends.plain``:
+interventions mirrored there) or, when a hook that is not mirrored is attached, on the HF
+model the bridge wraps.
 
 The bridge swaps its components into that HF model in place, so hook points (``hook_z``
 and with them every intervention) fire in these calls. lofit-lens never reads a KV cache
@@ -14,14 +16,15 @@ with a keyword forward pre-hook (a public torch API) that lives for one call.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from typing import Iterator
 
+import torch
 from jaxtyping import Int
-from torch import Tensor
+from torch import Tensor, nn
 
+from lofit_lens.backends.hf_forward import accepts
 from lofit_lens.backends.hooked import model_dims, uses_bridge
+from lofit_lens.backends.plain import plain_runner
 
 
 def wrapped_hf_model(model):
@@ -32,21 +35,16 @@ def wrapped_hf_model(model):
     return model.original_model
 
 
-@functools.cache
-def _forward_parameters(model_class: type) -> frozenset[str]:
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
 def cache_keyword(hf_model) -> str:
     """The forward keyword for the KV cache: ``cache`` (transformers >= 5.24) or
     ``past_key_values`` (before)."""
-    return "cache" if "cache" in _forward_parameters(type(hf_model)) else "past_key_values"
+    return "cache" if accepts(hf_model, "cache") else "past_key_values"
 
 
 def last_logits_only(hf_model) -> dict[str, int]:
     """``logits_to_keep=1`` where the HF model takes it (a prompt pass needs the last
     position's logits only)."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(type(hf_model)) else {}
+    return {"logits_to_keep": 1} if accepts(hf_model, "logits_to_keep") else {}
 
 
 def new_cache(hf_model):
@@ -92,6 +90,19 @@ def cache_reaches_attention(model) -> Iterator[None]:
             _LIVE_ALIASES.discard(handle)
 
 
+@contextlib.contextmanager
+def decoding_model(model) -> Iterator[nn.Module]:
+    """The HF model to decode ``model`` with for the ``with`` body: its plain view while every
+    hook is mirrored there (HF's own cache plumbing end to end), else the HF model inside
+    the bridge, its attention reached by the cache (``cache_reaches_attention``)."""
+    plain = plain_runner(model)
+    if plain is not None:
+        yield plain
+        return
+    with cache_reaches_attention(model):
+        yield wrapped_hf_model(model)
+
+
 def forward_with_cache(hf_model, tokens: Int[Tensor, "batch pos"],
                        attention_mask: Int[Tensor, "batch pos_total"],
                        positions: Int[Tensor, "batch pos"], cache, **kwargs) -> Tensor:
@@ -116,15 +127,23 @@ def greedy_config(max_new_tokens: int, pad: int, eos: int | None):
 
 def hf_greedy_generate(model, tokens: Int[Tensor, "batch pos"],
                        attention_mask: Int[Tensor, "batch pos"], max_new_tokens: int,
-                       stop_strings: list[str], tokenizer, pad: int) -> Int[Tensor, "batch new"]:
-    """HF ``generate`` (greedy, KV cache) on the bridge's HF model: the new tokens only.
+                       stop_strings: list[str], tokenizer, pad: int, *, stop_at_eos: bool = True,
+                       with_logits: bool = False):
+    """HF ``generate`` (greedy, KV cache) on ``decoding_model``: the new tokens
+    ``[batch, new]``, and with ``with_logits`` the logits each step chose from
+    ``[batch, new, vocab]`` too.
 
-    Rows stop at EOS or once their text holds a stop string; finished rows are padded.
+    Rows stop at EOS (unless ``stop_at_eos`` is off) or once their text holds a stop string;
+    finished rows are padded.
     """
-    hf_model = wrapped_hf_model(model)
-    config = greedy_config(max_new_tokens, pad, tokenizer.eos_token_id)
+    eos = tokenizer.eos_token_id if stop_at_eos else None
+    config = greedy_config(max_new_tokens, pad, eos)
     extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
-    with cache_reaches_attention(model):
+    if with_logits:
+        extra.update(output_logits=True, return_dict_in_generate=True)
+    with decoding_model(model) as hf_model:
         out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask,
                                 generation_config=config, **extra)
-    return out[:, tokens.shape[1]:]
+    if not with_logits:
+        return out[:, tokens.shape[1]:]
+    return out.sequences[:, tokens.shape[1]:], torch.stack(out.logits, dim=1)

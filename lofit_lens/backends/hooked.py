@@ -14,6 +14,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from lofit_lens.backends import hf_forward
+from lofit_lens.backends.hf_forward import Prefix
+from lofit_lens.backends.plain import plain_runner, plain_view
 from lofit_lens.errors import UnsupportedModelError
 
 HookFn = Callable[..., Tensor | None]
@@ -103,25 +106,30 @@ def attached_hooks(model, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]
     the hooks it added and leaves the user's alone (``model.add_hook``, before or inside the
     body), on TL 4.3's ``TransformerBridge`` and TL 3.9's ``HookedTransformer`` alike
     (tests/test_hooks.py). Names are checked first, for a clear error on a missing hook point.
+    On a bridge the hooks are also mirrored onto its plain view (``backends.plain``), where
+    the hot paths run.
     """
     fwd_hooks = [(name, fn) for name, fn in hooks]
-    for name, _ in fwd_hooks:
-        hook_point(model, name)
+    points = [(hook_point(model, name), fn) for name, fn in fwd_hooks]
+    view = plain_view(model)
+    before = view.total_hooks() if view is not None else 0
     with model.hooks(fwd_hooks=fwd_hooks):
-        yield
+        if view is None:
+            yield
+        else:
+            with view.mirror(points, view.total_hooks() - before):
+                yield
+
+
+def hf_runner(model) -> torch.nn.Module:
+    """The HF model a bridge's forward runs on: its plain view while every hook on it is
+    mirrored there (``backends.plain``), else the HF model inside the bridge, where every
+    hook fires."""
+    return plain_runner(model) or model.original_model
 
 
 class _StopForward(Exception):
     """Raised by a capture hook to end a forward pass early."""
-
-
-class Prefix(NamedTuple):
-    """A frozen prefix: the residual stream entering block ``layer``, computed earlier.
-
-    With it, a forward runs only blocks ``layer`` .. L-1 (``lofit_lens.prefix``)."""
-
-    layer: int
-    resid: Float[Tensor, "batch pos d_model"]
 
 
 def _capture(model, name: str, run: Callable[[], object]) -> Tensor:
@@ -149,52 +157,18 @@ def residual_entering(
     layer: int,
 ) -> Float[Tensor, "batch pos d_model"]:
     """The residual stream entering block ``layer`` (the forward stops there)."""
+    if uses_bridge(model):
+        return hf_forward.residual_entering(hf_runner(model), model_dims(model).n_layers, tokens,
+                                            attention_mask, layer)
     return _capture(model, f"blocks.{layer}.hook_resid_pre",
                     lambda: model(tokens, attention_mask=attention_mask, return_type=None))
 
 
-class _PassThrough(torch.nn.Module):
-    """Stands in for a skipped decoder layer: returns its input hidden states unchanged."""
-
-    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
-        return hidden_states
-
-
-LAYER_LISTS = ("layers", "h", "blocks", "block")
-"""Where HF decoders keep their layers (Llama/Gemma/Qwen: ``layers``; GPT-2: ``h``)."""
-
-
-def decoder_layers(model) -> torch.nn.ModuleList | None:
-    """The HF decoder-layer list a TransformerBridge runs (``None``: not found, or a
-    HookedTransformer, which runs its own blocks)."""
-    if not uses_bridge(model):
-        return None
-    decoder = model.original_model.get_decoder()
-    for name in LAYER_LISTS:
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) == model_dims(model).n_layers:
-            return layers
-    return None
-
-
 def supports_prefix(model) -> bool:
-    """Whether ``final_residual`` can start from a frozen prefix on ``model``."""
-    return not uses_bridge(model) or decoder_layers(model) is not None
-
-
-@contextlib.contextmanager
-def _layers_skipped(layers: torch.nn.ModuleList, start: int) -> Iterator[None]:
-    """Decoder layers ``0 .. start-1`` of an HF model replaced by pass-throughs for the
-    ``with`` body (restored after, also on error). The layer list keeps its length, so code
-    that indexes per-layer settings (Gemma 3's ``layer_types[i]``) sees the same indices."""
-    saved = [layers[i] for i in range(start)]
-    try:
-        for i in range(start):
-            layers[i] = _PassThrough()
-        yield
-    finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
+    """Whether ``logits_at`` can start from a frozen prefix on ``model``."""
+    if not uses_bridge(model):
+        return True
+    return hf_forward.decoder_layers(model.original_model, model_dims(model).n_layers) is not None
 
 
 def final_residual(
@@ -203,31 +177,15 @@ def final_residual(
     attention_mask: Int[Tensor, "batch pos"],
     prefix: Prefix | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
-    """The residual stream after the last block (the input of ``ln_final``), computed without
-    the full-vocabulary unembedding. With ``prefix``, only blocks ``prefix.layer`` .. L-1 run,
-    from ``prefix.resid``: on a TransformerBridge the HF model's earlier decoder layers pass
-    their input through and ``prefix.resid`` goes in as ``inputs_embeds``; on a
-    HookedTransformer through ``start_at_layer``. Either way the masks and positions are
-    the ones a full forward builds. ``lofit_lens.prefix`` checks the result against a full
-    forward before relying on it (an architecture that edits ``inputs_embeds`` in its
-    forward, as GPT-2 adds positions, fails that check and keeps the full path)."""
+    """TL 3.x: the residual stream after the last block (the input of ``ln_final``), without
+    the full-vocabulary unembedding; with ``prefix``, only blocks ``prefix.layer`` .. L-1 run
+    (``start_at_layer``)."""
     last = f"blocks.{model_dims(model).n_layers - 1}.hook_resid_post"
     if prefix is None:
         return _capture(model, last, lambda: model(tokens, attention_mask=attention_mask,
                                                    return_type=None))
-    if not uses_bridge(model):
-        return _capture(model, last, lambda: model(prefix.resid, start_at_layer=prefix.layer,
-                                                   attention_mask=attention_mask, return_type=None))
-    decoder, layers = model.original_model.get_decoder(), decoder_layers(model)
-    if layers is None:
-        raise NotImplementedError(f"{model_id(model)}: no decoder-layer list found "
-                                  f"(looked for {', '.join(LAYER_LISTS)}); no frozen prefix")
-
-    def run() -> None:
-        with _layers_skipped(layers, prefix.layer):
-            decoder(inputs_embeds=prefix.resid, attention_mask=attention_mask, use_cache=False)
-
-    return _capture(model, last, run)
+    return _capture(model, last, lambda: model(prefix.resid, start_at_layer=prefix.layer,
+                                               attention_mask=attention_mask, return_type=None))
 
 
 def logits_at(
@@ -238,15 +196,20 @@ def logits_at(
     prefix: Prefix | None = None,
 ) -> Float[Tensor, "n vocab"]:
     """Logits at the given (batch index, position) pairs only: full-vocabulary logits at
-    every position dominate training memory. ``prefix``: see ``final_residual``."""
-    resid = final_residual(model, tokens, attention_mask, prefix)
-    picked = resid[positions]  # [n, d_model]
+    every position dominate training memory. ``prefix``: a frozen prefix
+    (``lofit_lens.prefix``): only the blocks from ``prefix.layer`` on run. On a bridge the
+    HF model runs (``hf_runner``: its plain view when it can); an architecture that edits
+    ``inputs_embeds`` in its forward, as GPT-2 adds positions, fails the prefix check of
+    ``lofit_lens.prefix`` and keeps the full path."""
+    if uses_bridge(model):
+        return hf_forward.logits_at(hf_runner(model), model_dims(model).n_layers, tokens,
+                                    attention_mask, positions, prefix)
+    picked = final_residual(model, tokens, attention_mask, prefix)[positions]  # [n, d_model]
     logits = model.unembed(model.ln_final(picked.unsqueeze(0))).squeeze(0)
-    if not uses_bridge(model):
-        # A TL 3.x HookedTransformer soft-caps logits (Gemma 2) in forward, after unembed.
-        cap = getattr(model.cfg, "output_logits_soft_cap", None)
-        if cap is not None and cap > 0:
-            logits = cap * torch.tanh(logits / cap)
+    # A TL 3.x HookedTransformer soft-caps logits (Gemma 2) in forward, after unembed.
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    if cap is not None and cap > 0:
+        logits = cap * torch.tanh(logits / cap)
     return logits
 
 

@@ -26,6 +26,7 @@ def load_model(
     device_map: Optional[DeviceMap] = None,
     max_memory: Optional[dict] = None,
     offload_folder: Optional[Union[str, Path]] = None,
+    attn_implementation: Optional[str] = None,
 ):
     """A hooked model for ``name``: an embedded short name (``smollm2-135m``, ``gemma3-270m``),
     a Hub id or a local HF folder.
@@ -42,10 +43,16 @@ def load_model(
     (``model.cfg.device``); a ``HeadIntervention`` meets each layer's ``hook_z`` on that
     layer's device. ``model.lofit_loader`` reloads the same model in another process (a Ray
     worker: ``lofit_lens.executors``).
+
+    ``attn_implementation`` (``"sdpa"``, ``"eager"``, ...; default: HF's choice for the
+    architecture): the attention of the hot paths, which run the bridge's plain view
+    (``lofit_lens.backends.plain``); the bridge itself always runs eager attention, so that
+    ``hook_pattern`` fires.
     """
     dtype = dtype or torch.float32
     loader = functools.partial(load_model, name, dtype=dtype, device_map=device_map,
-                               max_memory=max_memory, offload_folder=offload_folder)
+                               max_memory=max_memory, offload_folder=offload_folder,
+                               attn_implementation=attn_implementation)
     if use_hooked_transformer():  # TL < 4, or LOFIT_LENS_BACKEND=hooked
         if device_map is not None:
             raise ValueError("device_map needs TransformerLens 4.x (a TransformerBridge); a "
@@ -58,31 +65,20 @@ def load_model(
     tl_name, _ = resolve(name)
     if device_map is None:
         device = device or default_device()
-        hf_model, tokenizer = load_hf(name, device=device, dtype=dtype)
+        hf_model, tokenizer = load_hf(name, device=device, dtype=dtype,
+                                      attn_implementation=attn_implementation)
     else:  # accelerate places the modules; the bridge reads cfg.device from the placement
         hf_model, tokenizer = load_hf(name, device=device, dtype=dtype, device_map=device_map,
-                                      max_memory=max_memory, offload_folder=offload_folder)
+                                      max_memory=max_memory, offload_folder=offload_folder,
+                                      attn_implementation=attn_implementation)
         device = None
+    chosen = hf_model.config._attn_implementation  # the bridge switches its HF model to eager
     model = TransformerBridge.boot_transformers(
         tl_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     model.cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
     model = finish(model, name, tokenizer)
     model.lofit_loader = loader
+    model.lofit_attn_implementation = chosen
     return model
 
-
-def module_devices(model) -> dict[str, torch.device]:
-    """Where each placed module of a hooked model lives: accelerate's ``hf_device_map`` as
-    devices (a model loaded with ``device_map``), else ``{"": device}`` for a model on one
-    device."""
-    placed = getattr(getattr(model, "original_model", None), "hf_device_map", None)
-    if not placed:
-        return {"": torch.device(model.cfg.device or "cpu")}
-
-    def device(where) -> torch.device:
-        if isinstance(where, int):
-            return torch.device("cuda", where)
-        return torch.device("cpu") if str(where) == "disk" else torch.device(str(where))
-
-    return {name: device(where) for name, where in placed.items()}

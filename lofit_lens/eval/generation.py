@@ -15,6 +15,7 @@ import logging
 from typing import Optional, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from lofit_lens.batching import context_length, encode_prompt, fit_prompt, left_pad, pad_id
@@ -104,3 +105,31 @@ def _generate_rows(model, rows: list[list[int]], max_new_tokens: int,
                                  verbose=False, return_type="tokens")
             generated.append(out[0, len(row):].tolist())
     return [ids[:ids.index(eos)] if eos in ids else ids for ids in generated]
+
+
+@torch.no_grad()
+def greedy_steps(model, rows: Sequence[list[int]], new_tokens: int,
+                 batch_size: int) -> list[tuple[list[int], Optional[Tensor]]]:
+    """Exactly ``new_tokens`` greedy tokens after each of ``rows`` (token ids; EOS does not
+    end a row), decoded as ``greedy_generate`` decodes (batches of ``batch_size``, left-padded,
+    KV cache), with the logits each step chose from (``[new_tokens, vocab]``; ``None`` under
+    TL 3.x, whose ``generate`` does not return them): what ``doctor`` holds against a full
+    forward."""
+    tok = hf_tokenizer(model)
+    device = model_device(model)
+    steps: list[tuple[list[int], Optional[Tensor]]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = list(rows[start:start + batch_size])
+        if uses_bridge(model):
+            tokens, attention = left_pad(chunk, pad_id(tok))
+            new, logits = hf_greedy_generate(model, tokens.to(device), attention.to(device),
+                                             new_tokens, [], tok, pad_id(tok), stop_at_eos=False,
+                                             with_logits=True)  # [batch, new], [batch, new, vocab]
+            steps += [(ids.tolist(), step_logits.float().cpu()) for ids, step_logits in zip(new, logits)]
+        else:
+            for row in chunk:
+                out = model.generate(torch.tensor([row], device=device), max_new_tokens=new_tokens,
+                                     do_sample=False, stop_at_eos=False, verbose=False,
+                                     return_type="tokens")
+                steps.append((out[0, len(row):].tolist(), None))
+    return steps

@@ -2,8 +2,9 @@
 its token log-probs given the prompt (not length-normalised).
 
 On a TransformerBridge (TL 4.x) a question's prompt runs once and all its answers continue
-from that prompt's KV cache (``share_prefix``): HF's forward and ``DynamicCache`` on the
-wrapped HF model, hooks (and so interventions) firing in both passes. A TL 3.x ``HookedTransformer`` scores full prompt + answer sequences instead.
+from that prompt's KV cache (``share_prefix``): HF's forward and ``DynamicCache`` on the HF
+model (``backends.hf_cache.decoding_model``), interventions acting in both passes. A TL 3.x
+``HookedTransformer`` scores full prompt + answer sequences instead.
 
 A question whose prompt plus its longest answer exceeds the model's context (``cfg.n_ctx``)
 has its prompt cut from the left, by the same count for every answer
@@ -21,11 +22,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lofit_lens.batching import (
-    Pair, collate, context_length, drop_left, encode_pair, left_pad, pad_id,
+    Pair, collate, context_length, drop_left, encode_pair, encode_prompt, left_pad, pad_id,
 )
 from lofit_lens.backends.hf_cache import (
-    cache_reaches_attention, forward_with_cache, last_logits_only, left_pad_positions, new_cache,
-    wrapped_hf_model,
+    decoding_model, forward_with_cache, last_logits_only, left_pad_positions, new_cache,
 )
 from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
 from lofit_lens.errors import PromptTooLongError
@@ -62,8 +62,8 @@ def choice_scores(model, examples: Sequence[ChoiceExample], batch_size: int = 16
                          "HookedTransformer scores full sequences (share_prefix=False)")
     tok = hf_tokenizer(model)
     joint = protocol == "official"
-    pairs = [[encode_pair(tok, ex.prompt, " " + c, joint=joint, back_off=False) for c in ex.choices]
-             for ex in examples]
+    pairs = [[encode_pair(tok, ex.prompt, " " + c, joint=joint, back_off=False, prompt_ids=own)
+              for c in ex.choices] for ex in examples for own in [encode_prompt(tok, ex.prompt)]]
     dropped = _fit_context(pairs, context_length(model), tok.bos_token_id)
     if dropped:
         logger.warning("%d of %d questions exceed the model's context of %d tokens with their "
@@ -145,7 +145,6 @@ def _score_group(model, group: list[int], prompts: list[Ids], answers: list[list
     the cache repeated per answer, the right-padded answers in a second pass (HF forward
     with an HF ``DynamicCache``, see ``lofit_lens.backends.hf_cache``)."""
     device, pad = model_device(model), pad_id(hf_tokenizer(model))
-    hf_model = wrapped_hf_model(model)
     tokens, mask = (t.to(device) for t in left_pad([prompts[i] for i in group], pad))
     counts = torch.tensor([len(answers[i]) for i in group], device=device)
     owner = torch.repeat_interleave(torch.arange(len(group), device=device), counts)  # [n]
@@ -155,8 +154,8 @@ def _score_group(model, group: list[int], prompts: list[Ids], answers: list[list
     n_ctx = context_length(model)
     if n_ctx is not None:  # padding after a short answer must not index past n_ctx (GPT-2)
         ans_positions = ans_positions.clamp(max=n_ctx - 1)
-    cache = new_cache(hf_model)
-    with cache_reaches_attention(model):
+    with decoding_model(model) as hf_model:
+        cache = new_cache(hf_model)
         with answer_positions(torch.full_like(tokens, -1)):
             logits = forward_with_cache(hf_model, tokens, mask, left_pad_positions(mask), cache,
                                         **last_logits_only(hf_model))  # [group, 1, vocab]
