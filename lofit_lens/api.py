@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 
 
 from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.checkpoint import PhaseCheckpoint, run_phase
+from lofit_lens.checkpoint import PhaseCheckpoint, logged_phase, run_phase
 from lofit_lens.config import LoFiTConfig, parse_epochs
 from lofit_lens.eval.evaluate import split_metrics
 from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
@@ -104,7 +104,8 @@ def lofit(
         data_hash=examples.data_hash,
     )
     if cfg.eval_splits:
-        evals["lofit"] = evaluation("lofit", result.intervention())
+        with logged_phase("lofit"):
+            evals["lofit"] = evaluation("lofit", result.intervention())
     result.metrics = {label: e["metrics"] for label, e in evals.items()}
     result.predictions = {f"{label}/{split}": rows for label, e in evals.items()
                           for split, rows in e["predictions"].items()}

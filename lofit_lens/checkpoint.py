@@ -5,12 +5,18 @@ settings that phase depends on: a rerun with other settings never picks up stale
 one that changes only a later phase (say ``lr_bias``) reuses the earlier ones.
 A phase's value is a dict whose tensors go to safetensors and the rest to the JSON card.
 Phases saved by 0.1.0 (``<phase>-<key>.pt``) are still read.
+
+Every phase logs its start and its end with the seconds it took (``logging``, logger
+``lofit_lens.checkpoint``), progress bars or not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -20,6 +26,21 @@ from lofit_lens.store import (
 )
 
 Phase = dict[str, Any]
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def logged_phase(phase: str) -> Iterator[None]:
+    """Log ``phase``'s start, and its end with the seconds it took (or that it failed)."""
+    logger.info("%s: started", phase)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        logger.info("%s: stopped after %.1f s", phase, time.perf_counter() - start)
+        raise
+    logger.info("%s: done in %.1f s", phase, time.perf_counter() - start)
 
 
 class PhaseCheckpoint:
@@ -41,8 +62,10 @@ class PhaseCheckpoint:
         stem = f"{phase}-{key}"
         saved = self.load(stem)
         if saved is not None:
+            logger.info("%s: read from %s", phase, self.directory)
             return saved
-        value = compute()
+        with logged_phase(phase):
+            value = compute()
         tensors = {k: v for k, v in value.items() if isinstance(v, Tensor)}
         rest = {k: v for k, v in value.items() if k not in tensors}
         with folder_lock(self.directory):
@@ -53,4 +76,8 @@ class PhaseCheckpoint:
 
 def run_phase(checkpoint: Optional[PhaseCheckpoint], phase: str, settings: dict[str, Any],
               compute: Callable[[], Phase]) -> Phase:
-    return compute() if checkpoint is None else checkpoint.run(phase, settings, compute)
+    """``compute()``, through ``checkpoint`` when there is one; logged either way."""
+    if checkpoint is not None:
+        return checkpoint.run(phase, settings, compute)
+    with logged_phase(phase):
+        return compute()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -132,7 +133,8 @@ def _placement(args) -> dict:
 def cmd_doctor(args) -> int:
     import lofit_lens as ll
 
-    report = ll.doctor(ll.load_model(args.model, device=args.device), fast=args.fast)
+    report = ll.doctor(ll.load_model(args.model, device=args.device, **_placement(args)),
+                       fast=args.fast)
     print(report)
     return 0 if report.ok else 1
 
@@ -269,8 +271,18 @@ def run_metrics(result) -> dict:
         "config": result.config.to_dict(),
         "model_id": result.model_id,
         "timings_seconds": {k: round(v, 1) for k, v in result.timings.to_dict().items()},
+        "peak_cuda_memory_gib": peak_cuda_memory_gib(),
         "versions": result.versions,
     }
+
+
+def peak_cuda_memory_gib() -> Optional[float]:
+    """The most CUDA memory this process allocated (``None`` without CUDA)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def format_run(result, metrics: dict, out: Path, figures: Sequence[Path]) -> str:
@@ -370,14 +382,28 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("--model", default="smollm2-135m",
                      help="embedded short name, Hub id or HF folder to check with")
     doc.add_argument("--device")
+    doc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                     help="model dtype: each check's tolerance follows it")
     doc.add_argument("--fast", action="store_true",
                      help="skip the comparison with plain HF generate (loads the model twice)")
     doc.set_defaults(func=cmd_doctor)
     return parser
 
 
+def _log_phases() -> None:
+    """Phases and epochs (``logging`` at INFO) on stderr, with or without progress bars."""
+    logger = logging.getLogger("lofit_lens")
+    if not any(getattr(h, "lofit_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("lofit-lens: %(message)s"))
+        handler.lofit_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_phases()
     args.argv = None if argv is None else list(argv)
     try:
         return args.func(args)

@@ -8,6 +8,7 @@ own weights never change: the optimiser sees only the ``HeadIntervention`` param
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from lofit_lens.tasks import Task, get_task
 from lofit_lens.tasks.base import TrainingExample, hash_examples
 
 TaskLike = Union[str, Task]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -194,6 +197,7 @@ def train_intervention(
         if getattr(val, "reference_at_init", False):  # TRL: at the first evaluation
             val.reference = torch.zeros(0, 2)
         for epoch in range(epochs):
+            started = time.perf_counter()
             intervention.train()  # e.g. LoRA dropout on; validation below runs in eval mode
             order = torch.randperm(len(train), generator=shuffle).tolist()
             epoch_losses = []
@@ -227,6 +231,10 @@ def train_intervention(
                 history.val_loss.append(validation_loss(model, val, batch_size))
                 bar.set_postfix(epoch=epoch + 1, loss=f"{history.epoch_loss[-1]:.4f}",
                                 val=f"{history.val_loss[-1]:.4f}")
+            logger.info("%s: epoch %d/%d, %d steps, loss %.4f%s, %.1f s", desc, epoch + 1, epochs,
+                        len(epoch_losses), history.epoch_loss[-1],
+                        f", validation loss {history.val_loss[-1]:.4f}" if history.val_loss else "",
+                        time.perf_counter() - started)
     intervention.eval()
     return history
 

@@ -15,9 +15,10 @@ device and dtype:
 - step 1: A on every head + L1, forward + backward + AdamW;
 - step 2: v on K = 3% random heads; and on K heads in the last 30% of layers, without and
   with the frozen prefix (built once, timed apart);
-- generation: greedy, 16 new tokens, batches of 16 prompts sorted by length, v attached
-  (texts must be equal);
-- MC scoring: shared-prefix scoring of TruthfulQA questions, v attached (scores compared).
+- generation: greedy, 16 new tokens for ``--gen-prompts`` CLUTRR test prompts, in batches of
+  16 sorted by length, v attached (texts compared);
+- MC scoring: shared-prefix scoring of ``--mc-questions`` TruthfulQA questions (6-shot
+  prompts), v attached (scores compared).
 
 Runs alternate between the two sides; each time is the median of ``--repeats`` after a
 warm-up, and the ratio is lofit-lens over HF. On CUDA each side's peak memory above the
@@ -212,7 +213,7 @@ class Bench:
 
         return ours, theirs
 
-    def paths(self, repeats: int) -> dict:
+    def paths(self, repeats: int, gen_prompts: int, mc_questions: int) -> dict:
         out = {}
         tune = self.intervention(self.random, scale=False)
 
@@ -247,11 +248,11 @@ class Bench:
                 out["step2_late_prefix"] = compare(self.device, repeats, ours, theirs)
             out["step2_late_prefix"].update(prefix_used=bool(cached), prefix_build_s=round(build, 4),
                                             first_layer=late.first_layer())
-        out["generation"] = self.generation(tune, repeats)
-        out["mc_scoring"] = self.mc_scoring(tune, repeats)
+        out["generation"] = self.generation(tune, repeats, gen_prompts)
+        out["mc_scoring"] = self.mc_scoring(tune, repeats, mc_questions)
         return out
 
-    def generation(self, tune: HeadIntervention, repeats: int, n_prompts: int = 64) -> dict:
+    def generation(self, tune: HeadIntervention, repeats: int, n_prompts: int) -> dict:
         prompts = [ex.prompt for ex in self.task.eval_examples("test", n_prompts)]
         results = {}
 
@@ -263,14 +264,14 @@ class Bench:
                 results["theirs"] = ref.greedy_texts(self.hf, self.tok, prompts, NEW_TOKENS, 16)
 
         with tune.attach(self.model):
-            out = compare(self.device, max(1, repeats // 2), ours, theirs)
+            out = compare(self.device, repeats, ours, theirs)
         same = sum(a == b for a, b in zip(results["ours"], results["theirs"]))
         out.update(prompts=len(prompts), new_tokens=NEW_TOKENS, texts_equal=f"{same}/{len(prompts)}",
                    lofit_tokens_per_s=round(len(prompts) * NEW_TOKENS / out["lofit_s"], 1),
                    hf_tokens_per_s=round(len(prompts) * NEW_TOKENS / out["hf_s"], 1))
         return out
 
-    def mc_scoring(self, tune: HeadIntervention, repeats: int, n_questions: int = 24) -> dict:
+    def mc_scoring(self, tune: HeadIntervention, repeats: int, n_questions: int) -> dict:
         examples = self.mc_task.eval_examples("test", n_questions)
         results = {}
 
@@ -286,7 +287,7 @@ class Bench:
                 results["theirs"] = ref.choice_scores(self.hf, self.tok, prompts, answers, 16)
 
         with tune.attach(self.model):
-            out = compare(self.device, max(1, repeats // 2), ours, theirs)
+            out = compare(self.device, repeats, ours, theirs)
         gap = max(float((a - b).abs().max()) for a, b in zip(results["ours"], results["theirs"]))
         out.update(questions=len(examples), answers=sum(len(ex.choices) for ex in examples),
                    max_score_difference=gap)
@@ -344,7 +345,7 @@ def authors_loop(hf, tok, prompts: list[str], max_new_tokens: int, with_prompt: 
 ROWS = (("forward", "forward, no grad"), ("step1", "step 1 (A on all heads + L1)"),
         ("step2_random", "step 2, K = 3% random heads"), ("step2_late", "step 2, late heads"),
         ("step2_late_prefix", "step 2, late heads, frozen prefix"),
-        ("generation", f"greedy generation ({NEW_TOKENS} new tokens, batch 16)"),
+        ("generation", f"greedy generation ({NEW_TOKENS} new tokens, batches of 16)"),
         ("mc_scoring", "MC scoring (shared prefix, batch 16)"))
 
 
@@ -381,6 +382,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--gen-prompts", type=int, default=64, help="CLUTRR test prompts to generate for")
+    parser.add_argument("--mc-questions", type=int, default=24, help="TruthfulQA questions to score")
     parser.add_argument("--data-dir", help="folder with the LoFiT splits (default: lofit-lens's)")
     parser.add_argument("--result", help="a saved run: also time evaluation against the authors' loop")
     parser.add_argument("--reference-examples", type=int, default=200)
@@ -397,7 +400,7 @@ def main(argv=None) -> dict:
     build_s = time.perf_counter() - start
     try:
         bench = Bench(name, args.device, dtype, args.data_dir)
-        paths = bench.paths(args.repeats)
+        paths = bench.paths(args.repeats, args.gen_prompts, args.mc_questions)
         results = {
             "model": args.shape and f"random-init {args.shape} shape" or name,
             "device": args.device, "dtype": args.dtype, "attn_implementation": bench.attn,

@@ -136,3 +136,27 @@ def test_an_unmirrorable_point_runs_the_bridge_and_fires(tiny_model, batch):
             logits_at(tiny_model, tokens, mask, real)
     assert seen
     assert plain_view(tiny_model).foreign_hooks() == 0 and plain_view(tiny_model).live == 0
+
+
+def test_tl_analysis_on_the_bridge_sees_the_intervention_once(tiny_model, batch):
+    """``run_with_cache`` / ``hook_pattern`` / patching keep running on the bridge, where an
+    attached intervention acts exactly once, as it does on the plain view."""
+    tokens, mask, real = batch
+    iv = HeadIntervention.for_model(tiny_model, use_scale=False).set_heads([(1, 2)])
+    iv.init_normal(0.5, torch.Generator().manual_seed(0))
+    names = ("blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern")
+    with torch.no_grad():
+        _, clean = tiny_model.run_with_cache(tokens, attention_mask=mask, names_filter=names.__contains__)
+        with iv.attach(tiny_model):
+            logits, cache = tiny_model.run_with_cache(tokens, attention_mask=mask,
+                                                      names_filter=names.__contains__)
+            plain = logits_at(tiny_model, tokens, mask, real)
+            ablated = tiny_model.run_with_hooks(
+                tokens, attention_mask=mask,
+                fwd_hooks=[("blocks.0.attn.hook_z", lambda z, hook: torch.zeros_like(z))])
+    assert cache["blocks.1.attn.hook_pattern"].shape[-2:] == (tokens.shape[1], tokens.shape[1])
+    shift = cache["blocks.1.attn.hook_z"] - clean["blocks.1.attn.hook_z"]  # [batch, pos, head, d_head]
+    torch.testing.assert_close(shift[:, :, 2], iv.bias[1, 2].expand_as(shift[:, :, 2]))
+    assert shift[:, :, [0, 1, 3]].abs().max() == 0
+    torch.testing.assert_close(plain, logits[real], rtol=1e-5, atol=1e-5)
+    assert (ablated - logits).abs().max() > 1e-3
