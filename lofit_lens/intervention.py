@@ -198,15 +198,16 @@ class HeadIntervention(nn.Module):
             )
         # This layer's slice meets hook_z on hook_z's device, in its dtype (a model split by
         # device_map runs each layer on its own device; autograd returns the gradient to the
-        # fp32 parameters). A bf16 model gets bf16 offsets; the parameters stay fp32.
-        device = z.device
-        mask = self.head_mask[layer, :, None].to(device, z.dtype)  # [head, 1]
+        # fp32 parameters). A bf16 model gets bf16 offsets; the parameters stay fp32. Each
+        # edit is one small tensor op on the parameters and one on z: this runs at every
+        # layer of every forward, decoding steps included.
+        mask = self.head_mask[layer, :, None]  # [head, 1]
         if self.use_scale:
-            factor = 1 + self.scale[layer].to(device, z.dtype) * mask  # [head, d_head]
-            z = z * einops.rearrange(factor, "head d_head -> 1 1 head d_head")
+            factor = (1 + self.scale[layer] * mask).to(z.device, z.dtype)  # [head, d_head]
+            z = z * factor  # [batch, pos, head, d_head]
         if self.use_bias:
-            offset = self.bias[layer].to(device, z.dtype) * mask  # [head, d_head]
-            z = z + einops.rearrange(offset, "head d_head -> 1 1 head d_head")
+            offset = (self.bias[layer] * mask).to(z.device, z.dtype)  # [head, d_head]
+            z = z + offset  # [batch, pos, head, d_head]
         return z
 
     def hooks(self) -> list[tuple[str, Callable]]:

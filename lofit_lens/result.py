@@ -51,6 +51,11 @@ class LoFiTResult:
     versions: dict[str, str] = field(default_factory=library_versions)
     timings: RunTimings = field(default_factory=RunTimings)
 
+    def __post_init__(self) -> None:
+        # A result is a record: its tensors live on the CPU (training may have run on a GPU).
+        for name in ("head_scores", "scale", "bias"):
+            setattr(self, name, getattr(self, name).detach().cpu())
+
     @property
     def seed(self) -> int:
         return self.config.seed

@@ -62,7 +62,7 @@ class BiasTuning:
 
     @property
     def bias(self) -> Float[Tensor, "layer head d_head"]:
-        return self.intervention.bias.detach().clone()
+        return self.intervention.bias.detach().cpu().clone()
 
 
 # ---------------------------------------------------------------------- configuration
@@ -314,7 +314,7 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
     )
     history.seconds, history.data_hash, history.n_train = time.perf_counter() - start, data_hash, len(train)
     history.trainable_parameters = intervention.num_trainable_parameters()
-    return HeadSelection(intervention.scale_norms(), intervention.scale.detach().clone(), history)
+    return HeadSelection(intervention.scale_norms().cpu(), intervention.scale.detach().cpu().clone(), history)
 
 
 def tune_biases(model, task: TaskLike, heads: Optional[Sequence[Head]], *,

@@ -11,8 +11,8 @@
 #   bash scripts/gpu_check.sh run     # there, carrying .gpu: install the wheels, then
 #     1. scripts/benchmark.py on a random Llama-2-7B shape in bf16 (the table, peak memory);
 #     2. lofit-lens doctor on that model in bf16 (every tolerance and gap);
-#     3. lofit-lens run on it: CLUTRR, --budget paper --k 0.03, epochs 1 + 1 (time per
-#        phase, peak memory; the paper's 5 + 5 epochs scale the training phases by 5);
+#     3. lofit-lens run on it: CLUTRR, --budget paper --k 0.03 (the paper's protocol: 5 + 5
+#        epochs, all data; time per phase and peak memory in its metrics.json);
 #     4. scripts/benchmark.py on a random SmolLM2-135M shape in fp32;
 #     then summary.md. Each stage has its own time limit and writes into $OUT as it ends, so
 #     a stage that fails or runs out of time leaves the others' results.
@@ -53,7 +53,7 @@ check() {  # check DEVICE BIG_SHAPE BIG_DTYPE SMALL_SHAPE BUDGET OUT
         cat "$out/doctor-$big-$big_dtype.txt"
         stage "lofit-lens run $big $big_dtype --budget $budget" "${LOFIT_GPU_RUN_LIMIT:-200}" \
             python3 -m lofit_lens.cli run --task clutrr --model "$models/$big" --dtype "$big_dtype" \
-            --device "$device" --budget "$budget" --k 0.03 --epochs 1 1 --data-dir "$kit/data" \
+            --device "$device" --budget "$budget" --k 0.03 --data-dir "$kit/data" \
             --out "$models/run" --quiet >"$out/run-$big-$big_dtype.log" 2>&1 || status=1
         tail -n 30 "$out/run-$big-$big_dtype.log"
         cp "$models/run/metrics.json" "$out/run-$big-$big_dtype-metrics.json" 2>/dev/null || status=1
