@@ -153,6 +153,13 @@ def _strong_intervention(model) -> HeadIntervention:
     return HeadIntervention.for_model(model, use_scale=False).set_heads(heads).init_normal(1.0, gen)
 
 
+def _everywhere_intervention(model) -> HeadIntervention:
+    """Scales and offsets N(0, 1) on every head of every layer: each edit the plain view
+    mirrors moves the logits, far beyond rounding."""
+    gen = torch.Generator().manual_seed(0)
+    return HeadIntervention.for_model(model).set_heads(None).init_normal(1.0, gen)
+
+
 def _within(model, got: Tensor, reference: Tensor) -> tuple[bool, str]:
     """Whether ``got`` equals ``reference`` (logits) within the model's rounding tolerance,
     and the measured gap against that tolerance."""
@@ -189,7 +196,7 @@ def greedy_no_cache(model, ids: list[int], max_new_tokens: int) -> list[int]:
 
 def _plain_vs_hooks(model) -> tuple[str, str]:
     """The plain view's logits (training and evaluation run there) against the bridge's hook
-    path, on a right-padded batch with an intervention on."""
+    path, on a right-padded batch with A and v on every head."""
     if not uses_bridge(model):
         return "pass", "not used here (TL 3.x runs its own blocks)"
     view = plain_view(model)
@@ -200,7 +207,7 @@ def _plain_vs_hooks(model) -> tuple[str, str]:
                     pad_id(tok)).to(model_device(model))
     real = batch.attention_mask.bool().nonzero(as_tuple=True)
     n_layers = model_dims(model).n_layers
-    with torch.no_grad(), _strong_intervention(model).attach(model):
+    with torch.no_grad(), _everywhere_intervention(model).attach(model):
         runner = plain_runner(model)
         if runner is None:
             return "warn", (f"{view.foreign_hooks()} hook(s) not added by lofit-lens are attached: "
