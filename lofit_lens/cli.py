@@ -393,20 +393,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _log_phases() -> None:
     """Phases and epochs (``logging`` at INFO) on stderr, with or without progress bars."""
     logger = logging.getLogger("lofit_lens")
-    if not any(getattr(h, "lofit_cli", False) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if getattr(h, "lofit_cli", False)), None)
+    if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("lofit-lens: %(message)s"))
         handler.lofit_cli = True
         logger.addHandler(handler)
+    handler.setStream(sys.stderr)  # this call's stderr (main() may run more than once)
     logger.setLevel(logging.INFO)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     args = build_parser().parse_args(argv)
     _log_phases()
     args.argv = None if argv is None else list(argv)
     try:
-        return args.func(args)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("lofit_lens")]):  # lines above the bars
+            return args.func(args)
     except (LoFiTLensError, FileNotFoundError, ValueError) as err:  # say what, no traceback
         code = next(code for kind, code in EXIT_CODES if isinstance(err, kind))
         label = "error" if code == 2 else type(err).__name__

@@ -44,6 +44,8 @@ from lofit_lens.tolerance import logit_tolerance, model_dtype
 from lofit_lens.versions import library_versions, lock_mismatches
 
 PROMPTS = ("The capital of France is", "Q: What is two plus two?\nA:")
+SHARED_PROMPTS = ("Q: What is the capital of France?\nA:", "Q: What is two plus two?\nA:")
+"""Two prompts that start alike: a batch of them runs its common tokens once."""
 NEW_TOKENS = 8
 CHOICES = (  # prompts of different lengths: the shared-prefix pass left-pads the short one
     ChoiceExample("Q: What colour is the sky on a clear summer day, when no cloud can be "
@@ -107,6 +109,7 @@ def doctor(model, fast: bool = False) -> DoctorReport:
         ("cached generation == full forward per token", lambda: _generation(model, batch_size=1)),
         ("same, with an intervention on", lambda: _generation(model, batch_size=1, intervened=True)),
         ("batched generation == one prompt at a time", lambda: _generation(model, len(PROMPTS))),
+        ("shared-prefix generation == one prompt at a time", lambda: _shared_prefix_generation(model)),
         ("shared-prefix MC == one answer at a time", lambda: _shared_prefix_mc(model)),
     ]
     if not fast:
@@ -180,20 +183,6 @@ def full_forward_logits(model, ids: list[int]) -> Float[Tensor, "pos vocab"]:
     return model(tokens, return_type="logits")[0].float().cpu()
 
 
-@torch.no_grad()
-def greedy_no_cache(model, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation by one full forward per token and no KV cache: slow, but it
-    shares no cache plumbing with generation."""
-    eos = hf_tokenizer(model).eos_token_id
-    seq = list(ids)
-    for _ in range(max_new_tokens):
-        token = int(full_forward_logits(model, seq)[-1].argmax())
-        if token == eos:
-            break
-        seq.append(token)
-    return seq[len(ids):]
-
-
 def _plain_vs_hooks(model) -> tuple[str, str]:
     """The plain view's logits (training and evaluation run there) against the bridge's hook
     path, on a right-padded batch with A and v on every head."""
@@ -227,12 +216,13 @@ def _plain_vs_hooks(model) -> tuple[str, str]:
     return "pass", f"{view.attn_implementation} plain view vs eager hook path: {detail}; the intervention moved them by {effect:.2g}"
 
 
-def _generation(model, batch_size: int, intervened: bool = False) -> tuple[str, str]:
+def _generation(model, batch_size: int, intervened: bool = False,
+                prompts: tuple[str, ...] = PROMPTS) -> tuple[str, str]:
     """Cached greedy generation (``batch_size`` prompts a batch, left-padded) against a full
     forward of each prompt + its generated tokens: each step's logits, or under TL 3.x (no
     logits from its ``generate``) each token within tolerance of the full forward's best."""
     tok = hf_tokenizer(model)
-    rows = [tok(p).input_ids for p in PROMPTS]
+    rows = [tok(p).input_ids for p in prompts]
     attach = _strong_intervention(model).attach(model) if intervened else contextlib.nullcontext()
     with attach:
         steps = greedy_steps(model, rows, NEW_TOKENS, batch_size)
@@ -251,6 +241,21 @@ def _generation(model, batch_size: int, intervened: bool = False) -> tuple[str, 
     ok, detail = worst
     what = f"{len(rows)} prompts x {NEW_TOKENS} tokens" + (f", batches of {batch_size}" if batch_size > 1 else "")
     return ("pass" if ok else "fail"), f"{what}: {detail}"
+
+
+def _shared_prefix_generation(model) -> tuple[str, str]:
+    """A batch whose prompts start alike (their common tokens run once) against a full forward
+    of each prompt + its generated tokens."""
+    from lofit_lens.eval.generation import batch_rows
+
+    if not uses_bridge(model):
+        return "pass", "not used here (TL 3.x generates one prompt at a time)"
+    tok = hf_tokenizer(model)
+    _, _, shared = batch_rows([tok(p).input_ids for p in SHARED_PROMPTS], pad_id(tok))
+    if not shared:
+        return "warn", "this tokenizer splits the test prompts' common start too little to share it"
+    status, detail = _generation(model, len(SHARED_PROMPTS), prompts=SHARED_PROMPTS)
+    return status, f"{shared} tokens shared; " + detail
 
 
 def _shared_prefix_mc(model) -> tuple[str, str]:

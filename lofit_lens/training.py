@@ -231,8 +231,8 @@ def train_intervention(
                 history.val_loss.append(validation_loss(model, val, batch_size))
                 bar.set_postfix(epoch=epoch + 1, loss=f"{history.epoch_loss[-1]:.4f}",
                                 val=f"{history.val_loss[-1]:.4f}")
-            logger.info("%s: epoch %d/%d, %d steps, loss %.4f%s, %.1f s", desc, epoch + 1, epochs,
-                        len(epoch_losses), history.epoch_loss[-1],
+            logger.info("%s: epoch %d/%d, %d step%s, loss %.4f%s, %.1f s", desc, epoch + 1, epochs,
+                        len(epoch_losses), "" if len(epoch_losses) == 1 else "s", history.epoch_loss[-1],
                         f", validation loss {history.val_loss[-1]:.4f}" if history.val_loss else "",
                         time.perf_counter() - started)
     intervention.eval()

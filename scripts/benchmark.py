@@ -30,7 +30,9 @@ on a GPU.
 ``--result RUN`` (a saved run of a real model and a generation task) also times
 ``ll.evaluate`` against the authors' simple loop on ``--reference-examples`` test prompts
 with the same learned v: HF ``generate`` in batches of 16 in file order, no stop strings, v at
-each ``o_proj`` input. Exact match must be identical.
+each ``o_proj`` input. Exact match must be identical. ``--main-job RUN`` reruns that run's
+step 2 without and with the frozen prefix; ``--export`` times greedy decoding of an exported
+model (v folded into the ``o_proj`` biases) against the base model.
 """
 
 from __future__ import annotations
@@ -230,6 +232,7 @@ class Bench:
         with tune.attach(self.model):
             out["forward"] = compare(self.device, repeats, forward_ours, forward_theirs)
             out["forward"]["loss_difference"] = abs(forward_ours() - forward_theirs())
+        self.forward_s = out["forward"]["lofit_s"]
         select = self.intervention(None, scale=True)
         with select.attach(self.model):
             out["step1"] = compare(self.device, repeats, *self.step_pair(select, 1e-3))
@@ -341,6 +344,64 @@ def authors_loop(hf, tok, prompts: list[str], max_new_tokens: int, with_prompt: 
     return texts
 
 
+# ---------------------------------------------------------------------------- frozen prefix, export
+def main_job_step2(bench: Bench, result_dir: str) -> dict:
+    """Step 2 of a saved run (same heads, config and data) without and with the frozen-prefix
+    cache: time, largest difference in v, exact match of each; and the speed-up its lowest
+    layer allows (the per-step forward below it, estimated from this run's no-grad forward,
+    removed)."""
+    import dataclasses
+
+    from lofit_lens.training import TrainingSet, tune_biases
+
+    model = bench.model
+    result = ll.LoFiTResult.load(result_dir, model=model)
+    cfg = result.config
+    task = ll.get_task(cfg.task, protocol=cfg.protocol, **cfg.extra)
+    data = TrainingSet.build(model, task, cfg)
+    runs = {}
+    for label, budget in (("uncached", 0.0), ("cached", max(cfg.prefix_cache_mb, 1024.0))):
+        start = time.perf_counter()
+        tuned = tune_biases(model, task, result.selected_heads, progress=False, data=data,
+                            config=dataclasses.replace(cfg, prefix_cache_mb=budget))
+        seconds = time.perf_counter() - start
+        metrics, _ = ll.evaluate(model, task, task.eval_examples("test", cfg.max_eval_examples),
+                                 tuned.intervention, progress=False)
+        runs[label] = (seconds, tuned, metrics)
+    (t_u, tuned_u, m_u), (t_c, tuned_c, m_c) = runs["uncached"], runs["cached"]
+    l0 = tuned_c.history.frozen_prefix_layer
+    steps = len(tuned_u.history.step_loss)
+    forward_s = bench.forward_s
+    below = forward_s * l0 / bench.dims.n_layers * steps  # forward below l0, over the steps
+    return {"lowest_layer": l0, "uncached_s": round(t_u, 1), "cached_s": round(t_c, 1),
+            "speedup": round(t_u / t_c, 2), "speedup_allowed": round(t_u / max(t_u - below, 1e-9), 2),
+            "max_abs_v_difference": float((tuned_u.bias - tuned_c.bias).abs().max()),
+            "exact_match_uncached": m_u["exact_match"], "exact_match_cached": m_c["exact_match"]}
+
+
+def export_overhead(bench: Bench, name: str, repeats: int, new_tokens: int = 64) -> dict:
+    """Per-token greedy decoding time of an exported LoFiT model (v folded into the o_proj
+    biases) over the base HF model: same prompt, ``new_tokens`` forced, runs alternated."""
+    from transformers import AutoModelForCausalLM
+
+    from lofit_lens.export import export_intervention
+
+    module = HeadIntervention(bench.dims, use_scale=False).set_heads(bench.random).init_normal(1e-2)
+    ids = bench.tok("The capital of France is", return_tensors="pt").input_ids.to(bench.device)
+    with tempfile.TemporaryDirectory() as folder:
+        exported = AutoModelForCausalLM.from_pretrained(
+            export_intervention(module, bench.model, folder)).to(bench.device).eval()
+
+    def decode(m):
+        return lambda: m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                  do_sample=False)
+
+    with torch.no_grad():
+        out = compare(bench.device, repeats, decode(exported), decode(bench.hf))
+    return {"exported_s_per_token": round(out["lofit_s"] / new_tokens, 5),
+            "base_s_per_token": round(out["hf_s"] / new_tokens, 5), "ratio": out["ratio"]}
+
+
 # ---------------------------------------------------------------------------- report
 ROWS = (("forward", "forward, no grad"), ("step1", "step 1 (A on all heads + L1)"),
         ("step2_random", "step 2, K = 3% random heads"), ("step2_late", "step 2, late heads"),
@@ -387,6 +448,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", help="folder with the LoFiT splits (default: lofit-lens's)")
     parser.add_argument("--result", help="a saved run: also time evaluation against the authors' loop")
     parser.add_argument("--reference-examples", type=int, default=200)
+    parser.add_argument("--main-job", help="a saved run: its step 2 again without and with the "
+                        "frozen-prefix cache (time, v, exact match)")
+    parser.add_argument("--export", action="store_true",
+                        help="also time greedy decoding of an exported LoFiT model vs the base model")
     parser.add_argument("--models-dir", help="where random-init folders go (default: a temporary folder)")
     parser.add_argument("--out", default="bench.json")
     args = parser.parse_args(argv)
@@ -409,6 +474,8 @@ def main(argv=None) -> dict:
             "build_s": round(build_s, 2), "load_s": round(bench.load_s, 2), "paths": paths,
             **({"eval_vs_authors": eval_vs_authors(bench, args.result, args.reference_examples)}
                if args.result else {}),
+            **({"main_job_step2": main_job_step2(bench, args.main_job)} if args.main_job else {}),
+            **({"export": export_overhead(bench, name, args.repeats)} if args.export else {}),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "machine": machine(bench.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
@@ -421,8 +488,11 @@ def main(argv=None) -> dict:
     for key in ("forward", "generation", "mc_scoring"):
         extra = {k: v for k, v in paths[key].items() if k not in ("lofit_s", "hf_s", "ratio")}
         print(f"{key}: {extra}")
-    if "eval_vs_authors" in results:
-        print(f"evaluation vs the authors' loop: {results['eval_vs_authors']}")
+    for key, label in (("eval_vs_authors", "evaluation vs the authors' loop"),
+                       ("main_job_step2", "main job's step 2 without / with the frozen prefix"),
+                       ("export", "exported model vs the base model, greedy decoding")):
+        if key in results:
+            print(f"{label}: {results[key]}")
     Path(args.out).write_text(json.dumps(results, indent=2))
     return results
 

@@ -63,3 +63,28 @@ def test_compare_takes_the_baseline_options(tmp_path, tiny_model, tiny_task_file
     options = card["settings"]["options"]
     assert options["iti_alpha"] == 5.0 and options["reft_layers"] == [0, 1]
     assert options["repe_layers"] == 2 and options["lora_rank"] == 8
+
+
+def test_run_in_bfloat16_passes_the_doctor_and_logs_each_phase(tmp_path, tiny_task_file, capsys):
+    """``--dtype bfloat16``: the model loads in bf16, the doctor passes it, the run finishes,
+    and each phase and epoch is logged with its seconds although progress bars are off."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import char_tokenizer, tiny_llama
+
+    folder = tmp_path / "tiny"
+    tiny_llama(char_tokenizer(folder)).save_pretrained(folder)
+    out = tmp_path / "run"
+    rc = main(["run", "--task", str(tiny_task_file), "--model", str(folder), "--dtype", "bfloat16",
+               "--device", "cpu", "--k", "2", "--epochs", "1", "2", "--max-train-examples", "8",
+               "--max-val-examples", "0", "--max-eval-examples", "4", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lofit"]["n"] == 4 and metrics["peak_cuda_memory_gib"] is None
+    assert "doctor: 7 checks passed" in err
+    for phase in ("zero_shot", "select", "tune", "lofit"):
+        assert f"lofit-lens: {phase}: started" in err and f"lofit-lens: {phase}: done in " in err
+    assert "step 2: tune biases: epoch 2/2, 1 step, loss " in err

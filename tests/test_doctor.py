@@ -14,7 +14,7 @@ import lofit_lens as ll
 from lofit_lens.backends import hf_cache
 from lofit_lens.backends.hooked import hf_tokenizer, hook_z_name, uses_bridge
 from lofit_lens.backends.plain import PlainView, plain_view
-from lofit_lens.doctor import greedy_no_cache
+from lofit_lens.doctor import full_forward_logits
 from lofit_lens.errors import BrokenEnvironmentError
 
 pytestmark = pytest.mark.tl3  # also run under TransformerLens 3.x (scripts/test.sh)
@@ -44,6 +44,18 @@ def test_doctor_passes_on_a_healthy_model(tiny_model_each_dtype):
     assert "all checks passed" in str(report)
     precision = "float32" if next(model.parameters()).dtype == torch.float32 else "bfloat16"
     assert f"{precision} on cpu" in str(report)  # each tolerance says which precision set it
+
+
+def greedy_no_cache(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by one full forward per token, no KV cache."""
+    eos = hf_tokenizer(model).eos_token_id
+    seq = list(ids)
+    for _ in range(max_new_tokens):
+        token = int(full_forward_logits(model, seq)[-1].argmax())
+        if token == eos:
+            break
+        seq.append(token)
+    return seq[len(ids):]
 
 
 def test_generation_equals_greedy_without_cache(tiny_model):
@@ -109,6 +121,23 @@ def test_doctor_fails_when_padding_is_attended(tiny_model_each_dtype, monkeypatc
 
     monkeypatch.setattr(generation, "left_pad", unmasked)
     assert BATCHED in _failed(tiny_model_each_dtype)
+
+
+def test_doctor_fails_when_the_shared_prefix_is_not_attended(tiny_model_each_dtype, monkeypatch):
+    """A batch whose prompts start alike runs their common tokens once; rows that cannot see
+    them generate from the wrong context."""
+    if not uses_bridge(tiny_model_each_dtype):
+        pytest.skip("TL 3.x generates one prompt at a time")
+    from lofit_lens.eval import generation
+
+    batch_rows = generation.batch_rows
+
+    def prefix_masked(rows, pad):
+        tokens, mask, shared = batch_rows(rows, pad)
+        return tokens, torch.cat([torch.zeros_like(mask[:, :shared]), mask[:, shared:]], 1), shared
+
+    monkeypatch.setattr(generation, "batch_rows", prefix_masked)
+    assert "shared-prefix generation == one prompt at a time" in _failed(tiny_model_each_dtype)
 
 
 def test_doctor_fails_when_left_padded_positions_are_wrong(tiny_model, monkeypatch):

@@ -42,6 +42,43 @@ def test_generation_matches_hf_generate(tiny_model, tiny_tokenizer):
     assert greedy_generate(tiny_model, [prompt], max_new_tokens=6, progress=False) == [expected]
 
 
+SHARED = ["Q: what is the cat?\nA:", "Q: what is a dog?\nA:", "Q: what is it, then?\nA:"]
+
+
+def test_a_shared_start_runs_once_and_changes_nothing(tiny_model):
+    """Prompts that start alike: their common tokens run once (one row), every row continues
+    from that cache, and the texts equal those of each prompt alone, with an intervention too."""
+    from lofit_lens.backends import hf_cache
+    from lofit_lens.backends.hooked import uses_bridge
+
+    if not uses_bridge(tiny_model):
+        pytest.skip("TL 3.x generates one prompt at a time")
+    calls = []
+    forward = hf_cache.forward_with_cache
+    iv = HeadIntervention.for_model(tiny_model).set_heads([(0, 0), (1, 3)]).init_normal(2.0)
+    with iv.attach(tiny_model):
+        hf_cache.forward_with_cache = lambda *a, **k: calls.append(a[1].shape) or forward(*a, **k)
+        try:
+            batched = greedy_generate(tiny_model, SHARED, max_new_tokens=6, batch_size=3, progress=False)
+        finally:
+            hf_cache.forward_with_cache = forward
+        single = [greedy_generate(tiny_model, [p], max_new_tokens=6, progress=False)[0] for p in SHARED]
+    assert calls == [torch.Size([1, len("Q: what is ")])]  # the common start, once, as one row
+    assert batched == single
+
+
+def test_batch_rows_shares_only_a_common_start_that_leaves_each_row_a_token():
+    from lofit_lens.eval.generation import SHARED_PREFIX_MIN, batch_rows
+
+    tokens, mask, shared = batch_rows([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2, 3]], pad=0)
+    assert shared == 5
+    assert tokens.tolist() == [[5, 6, 7, 8, 9, 0, 1], [5, 6, 7, 8, 9, 2, 3]]
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0, 1], [1] * 7]
+    assert batch_rows([[5, 6, 7, 8, 9], [5, 6, 7, 8, 9, 2]], pad=0)[2] == 4  # row 1 keeps 9
+    assert batch_rows([[5, 6, 7, 1], [5, 6, 7, 2]], pad=0)[2] == 0 < SHARED_PREFIX_MIN
+    assert batch_rows([[5, 6, 7, 8, 9, 1]], pad=0)[2] == 0  # one row: nothing to share
+
+
 def test_cut_at_stop():
     assert cut_at_stop("son. and more", (".", "\n")) == "son."
     assert cut_at_stop("a\nb.c", (".", "\n")) == "a\n"

@@ -16,6 +16,7 @@ with a keyword forward pre-hook (a public torch API) that lives for one call.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -125,23 +126,46 @@ def greedy_config(max_new_tokens: int, pad: int, eos: int | None):
                             pad_token_id=pad, eos_token_id=eos, use_cache=True)
 
 
+@functools.lru_cache(maxsize=8)
+def stop_string_criteria(tokenizer, stop_strings: tuple[str, ...]):
+    """HF's ``StopStringCriteria`` for ``stop_strings``, built once per tokenizer. Building it
+    scans the whole vocabulary (0.5 s for SmolLM2's 49k tokens), and HF's own cache misses
+    because ``get_vocab()`` returns the tokens in another order each time; it holds no state
+    between ``generate`` calls."""
+    from transformers import StopStringCriteria
+
+    return StopStringCriteria(tokenizer, list(stop_strings))
+
+
 def hf_greedy_generate(model, tokens: Int[Tensor, "batch pos"],
                        attention_mask: Int[Tensor, "batch pos"], max_new_tokens: int,
                        stop_strings: list[str], tokenizer, pad: int, *, stop_at_eos: bool = True,
-                       with_logits: bool = False):
+                       with_logits: bool = False, shared_prefix: int = 0):
     """HF ``generate`` (greedy, KV cache) on ``decoding_model``: the new tokens
     ``[batch, new]``, and with ``with_logits`` the logits each step chose from
     ``[batch, new, vocab]`` too.
 
     Rows stop at EOS (unless ``stop_at_eos`` is off) or once their text holds a stop string;
-    finished rows are padded.
+    finished rows are padded. ``shared_prefix``: the first that many columns are the same
+    tokens in every row (``eval.generation.batch_rows``): they run once, as one row, and
+    generation continues from their cache repeated over the batch.
     """
+    from transformers import StoppingCriteriaList
+
     eos = tokenizer.eos_token_id if stop_at_eos else None
     config = greedy_config(max_new_tokens, pad, eos)
-    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
+    extra = {"stopping_criteria": StoppingCriteriaList([stop_string_criteria(tokenizer, tuple(stop_strings))])} \
+        if stop_strings else {}
     if with_logits:
         extra.update(output_logits=True, return_dict_in_generate=True)
     with decoding_model(model) as hf_model:
+        if shared_prefix:
+            cache = new_cache(hf_model)
+            head = tokens[:1, :shared_prefix]  # [1, shared]
+            forward_with_cache(hf_model, head, torch.ones_like(head), torch.arange(
+                shared_prefix, device=head.device)[None], cache, **last_logits_only(hf_model))
+            cache.batch_select_indices(torch.zeros(len(tokens), dtype=torch.long, device=tokens.device))
+            extra[cache_keyword(hf_model)] = cache
         out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask,
                                 generation_config=config, **extra)
     if not with_logits:

@@ -2,8 +2,9 @@
 
 Prompts are tokenised as the HF tokenizer does, sorted by length so that batches carry
 little padding, left-padded with an explicit attention mask, and decoded greedily by HF's
-own ``generate`` on the model a TransformerBridge wraps (``lofit_lens.backends.hf_cache``). A batch
-ends as soon as every row has produced EOS or a stop string.
+own ``generate`` (``lofit_lens.backends.hf_cache``). The tokens all prompts of a batch start
+with (an instruction, few-shot examples) run once and their KV cache serves every row
+(``batch_rows``). A batch ends as soon as every row has produced EOS or a stop string.
 
 A prompt whose tokens plus ``max_new_tokens`` exceed the model's context (``cfg.n_ctx``) is
 cut from the left first (``lofit_lens.batching.fit_prompt``; ``truncated`` reports which).
@@ -15,6 +16,7 @@ import logging
 from typing import Optional, Sequence
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -86,16 +88,40 @@ def greedy_generate(
     return outputs
 
 
+SHARED_PREFIX_MIN = 4
+"""A batch whose prompts all start with at least this many equal tokens runs them once."""
+
+
+def batch_rows(rows: Sequence[list[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], int]:
+    """Prompts as one generation batch: ``(tokens, attention_mask, shared)``. The first
+    ``shared`` columns hold the tokens every row starts with (at least ``SHARED_PREFIX_MIN``,
+    else none: 0), and each row's own tokens follow them left-padded, so that every row's last
+    token is at position -1. Positions count real tokens only (``attention_mask``), so a row
+    reads the same positions as it would alone."""
+    shared = 0
+    if len(rows) > 1:
+        longest = min(len(r) for r in rows) - 1  # each row keeps a token of its own
+        while shared < longest and all(r[shared] == rows[0][shared] for r in rows):
+            shared += 1
+        shared = shared if shared >= SHARED_PREFIX_MIN else 0
+    tokens, attention = left_pad([r[shared:] for r in rows], pad)
+    if shared:
+        head = torch.tensor(rows[0][:shared]).expand(len(rows), shared)
+        tokens = torch.cat([head, tokens], dim=1)
+        attention = torch.cat([torch.ones(len(rows), shared, dtype=attention.dtype), attention], dim=1)
+    return tokens, attention, shared
+
+
 def _generate_rows(model, rows: list[list[int]], max_new_tokens: int,
                    stop_strings: Sequence[str]) -> list[list[int]]:
     """New token ids per row (EOS and what follows it removed)."""
     tok = hf_tokenizer(model)
     eos = tok.eos_token_id
-    if uses_bridge(model):  # HF's own generate on the wrapped model; hooks fire inside
-        tokens, attention = left_pad(rows, pad_id(tok))
+    if uses_bridge(model):  # HF's own generate (backends.hf_cache); interventions act inside
+        tokens, attention, shared = batch_rows(rows, pad_id(tok))
         device = model_device(model)
         new = hf_greedy_generate(model, tokens.to(device), attention.to(device), max_new_tokens,
-                                 list(stop_strings), tok, pad_id(tok))
+                                 list(stop_strings), tok, pad_id(tok), shared_prefix=shared)
         generated = new.tolist()
     else:  # TL 3.x: no attention-mask argument, so one unpadded prompt at a time
         generated = []
@@ -121,10 +147,11 @@ def greedy_steps(model, rows: Sequence[list[int]], new_tokens: int,
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
         if uses_bridge(model):
-            tokens, attention = left_pad(chunk, pad_id(tok))
+            tokens, attention, shared = batch_rows(chunk, pad_id(tok))
             new, logits = hf_greedy_generate(model, tokens.to(device), attention.to(device),
                                              new_tokens, [], tok, pad_id(tok), stop_at_eos=False,
-                                             with_logits=True)  # [batch, new], [batch, new, vocab]
+                                             with_logits=True, shared_prefix=shared)
+            # new: [batch, new], logits: [batch, new, vocab]
             steps += [(ids.tolist(), step_logits.float().cpu()) for ids, step_logits in zip(new, logits)]
         else:
             for row in chunk:
