@@ -390,16 +390,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is when a record comes (``main`` may run more
+    than once in a process, under a stderr that is swapped between runs)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _log_phases() -> None:
     """Phases and epochs (``logging`` at INFO) on stderr, with or without progress bars."""
     logger = logging.getLogger("lofit_lens")
-    handler = next((h for h in logger.handlers if getattr(h, "lofit_cli", False)), None)
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("lofit-lens: %(message)s"))
-        handler.lofit_cli = True
         logger.addHandler(handler)
-    handler.setStream(sys.stderr)  # this call's stderr (main() may run more than once)
     logger.setLevel(logging.INFO)
 
 

@@ -67,15 +67,14 @@ def hooked_tiny(tiny_hf, tiny_tokenizer, dtype=torch.float32):
     from lofit_lens.backends.tl3 import _convert_with_hf_config, _hooked_transformer_class, use_hooked_transformer
     from lofit_lens.backends.hf import finish as _finish
 
-    hf = tiny_hf if dtype == torch.float32 else tiny_llama(tiny_tokenizer).to(dtype)  # same seed
     if use_hooked_transformer():
-        model = _convert_with_hf_config(_hooked_transformer_class(), hf, tiny_tokenizer,
+        model = _convert_with_hf_config(_hooked_transformer_class(), tiny_hf, tiny_tokenizer,
                                         "cpu", dtype, prepend_bos=False)
     else:
         from transformer_lens.model_bridge import TransformerBridge
 
         model = TransformerBridge.boot_transformers(
-            "tiny-llama", hf_model=hf, tokenizer=tiny_tokenizer, device="cpu", dtype=dtype)
+            "tiny-llama", hf_model=tiny_hf, tokenizer=tiny_tokenizer, device="cpu", dtype=dtype)
     model.cfg.default_prepend_bos = False
     return _finish(model, "tiny-llama", tiny_tokenizer)
 
@@ -86,10 +85,17 @@ def tiny_model(tiny_hf, tiny_tokenizer):
     return hooked_tiny(tiny_hf, tiny_tokenizer)
 
 
-@pytest.fixture(scope="session", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def tiny_model_each_dtype(request, tiny_hf, tiny_tokenizer):
+@pytest.fixture(scope="session")
+def tiny_model_bf16(tiny_tokenizer):
+    """The tiny Llama in bf16 (its own HF copy: a bridge swaps its components into the HF
+    model it wraps, so one HF model takes one bridge)."""
+    return hooked_tiny(tiny_llama(tiny_tokenizer).to(torch.bfloat16), tiny_tokenizer, torch.bfloat16)
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def tiny_model_each_dtype(request):
     """The tiny Llama in fp32, then in bf16 (bf16 runs on a CPU too)."""
-    return hooked_tiny(tiny_hf, tiny_tokenizer, request.param)
+    return request.getfixturevalue("tiny_model" if request.param == "fp32" else "tiny_model_bf16")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_run_in_bfloat16_passes_the_doctor_and_logs_each_phase(tmp_path, tiny_ta
     assert rc == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["lofit"]["n"] == 4 and metrics["peak_cuda_memory_gib"] is None
-    assert "doctor: 7 checks passed" in err
+    assert re.search(r"doctor: \d+ checks passed", err)
     for phase in ("zero_shot", "select", "tune", "lofit"):
         assert f"lofit-lens: {phase}: started" in err and f"lofit-lens: {phase}: done in " in err
     assert "step 2: tune biases: epoch 2/2, 1 step, loss " in err

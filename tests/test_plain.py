@@ -160,3 +160,17 @@ def test_tl_analysis_on_the_bridge_sees_the_intervention_once(tiny_model, batch)
     assert shift[:, :, [0, 1, 3]].abs().max() == 0
     torch.testing.assert_close(plain, logits[real], rtol=1e-5, atol=1e-5)
     assert (ablated - logits).abs().max() > 1e-3
+
+
+def test_the_view_survives_reset_hooks(tiny_model, batch):
+    """``reset_hooks`` removes the bridge's own capture hooks too, but not their handles: the
+    hot paths must still take the view afterwards."""
+    tokens, mask, real = batch
+    with torch.no_grad():
+        tiny_model(tokens, attention_mask=mask)  # the blocks wire their capture hooks
+    tiny_model.reset_hooks(including_permanent=True)
+    assert plain_view(tiny_model).foreign_hooks() == 0
+    assert hf_runner(tiny_model) is plain_view(tiny_model).hf
+    with torch.no_grad():
+        tiny_model(tokens, attention_mask=mask)
+    assert hf_runner(tiny_model) is plain_view(tiny_model).hf

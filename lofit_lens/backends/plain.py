@@ -30,7 +30,7 @@ import contextlib
 import copy
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -42,6 +42,7 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backw
 """The per-module hook registries of torch (``*_with_kwargs`` are flags on these entries)."""
 
 VIEW_ATTRIBUTE = "_lofit_plain_view"
+LIBRARY_HOOK_MODULES = ("transformers.", "transformer_lens.model_bridge.")
 
 
 class PlainViewUnavailable(Exception):
@@ -62,18 +63,19 @@ class PlainView:
     module), for the hook points that can be mirrored."""
     watched: list[dict]
     """Every hook registry of the bridge's modules and of the HF model it wraps."""
-    internal: list[list]
-    """The bridge's own hooks among them (TransformerLens 4.x blocks wire capture hooks on
-    their norms at their first forward; each list holds their handles)."""
     mirrored: int = 0
     """How many of the hooks in ``watched`` have a twin on the view right now."""
-    live: int = field(default=0)
+    live: int = 0
     """Hooks the view holds right now (``doctor``: none may be left behind)."""
 
     def foreign_hooks(self) -> int:
-        """Hooks on the bridge that are neither its own nor mirrored (0: the view computes
-        what the bridge computes)."""
-        return self.total_hooks() - self.mirrored - sum(map(len, self.internal))
+        """Hooks on the bridge that are neither the libraries' own nor mirrored (0: the view
+        computes what the bridge computes)."""
+        total = self.total_hooks()
+        if total == self.mirrored:
+            return 0
+        own = sum(_library_hook(fn) for hooks in self.watched if hooks for fn in hooks.values())
+        return total - self.mirrored - own
 
     def total_hooks(self) -> int:
         return sum(map(len, self.watched))
@@ -104,6 +106,13 @@ class PlainView:
         if kind == "in":
             return twin.register_forward_pre_hook(functools.partial(_edit_input, call), with_kwargs=True)
         return twin.register_forward_hook(functools.partial(_edit_output, call))
+
+
+def _library_hook(fn: Callable) -> bool:
+    """Whether a torch hook is one the libraries put on their own modules: transformers' output
+    capturing and the bridge's capture of the residual at its norms. They record what passes;
+    every other hook (a ``HookPoint``'s included) may edit it."""
+    return (getattr(fn, "__module__", None) or "").startswith(LIBRARY_HOOK_MODULES)
 
 
 def _call_hook(point, fn: Callable, x: Tensor) -> Optional[Tensor]:
@@ -190,7 +199,8 @@ def _build(model) -> PlainView:
                          for name, child in module._modules.items()}
         for name in HOOK_DICTS + ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                   "_forward_pre_hooks_with_kwargs"):
-            setattr(twin, name, type(getattr(module, name))())
+            if hasattr(module, name):  # the view starts with no hooks of its own
+                setattr(twin, name, type(getattr(module, name))())
         for name, value in vars(module).items():
             if id(value) in configs:
                 setattr(twin, name, configs[id(value)])
@@ -199,10 +209,7 @@ def _build(model) -> PlainView:
     plain = twin_of(hf).eval()
     modules = {id(m): m for m in (*model.modules(), *hf.modules())}
     watched = [getattr(m, name) for m in modules.values() for name in HOOK_DICTS]
-    internal = [m._capture_hook_handles for m in modules.values()
-                if isinstance(getattr(m, "_capture_hook_handles", None), list)]
-    return PlainView(plain, implementation, twins, _mirrorable_points(model, twins), watched,
-                     internal)
+    return PlainView(plain, implementation, twins, _mirrorable_points(model, twins), watched)
 
 
 def _mirrorable_points(model, twins: dict[int, nn.Module]) -> dict[int, tuple[str, nn.Module]]:
