@@ -20,9 +20,10 @@ device and dtype:
 - MC scoring: shared-prefix scoring of ``--mc-questions`` TruthfulQA questions (6-shot
   prompts), v attached (scores compared).
 
-Runs alternate between the two sides; each time is the median of ``--repeats`` after a
-warm-up, and the ratio is lofit-lens over HF. On CUDA each side's peak memory above the
-resident weights is reported too. ``--shape`` builds a random-init model of that shape
+Runs come in ``--repeats`` adjacent pairs, one of each side (order alternating), after a
+warm-up; times are medians, and the ratio lofit-lens / HF is the median of the pairs' ratios
+(a shared machine that slows down for a while slows both runs of a pair). On CUDA each
+side's peak memory above the resident weights is reported too. ``--shape`` builds a random-init model of that shape
 (SmolLM2's tokenizer): timings and memory are valid on random weights, accuracy is not.
 ``overhead`` (32 layers of width 64) makes per-module overhead dominate on a CPU, as it does
 on a GPU.
@@ -88,8 +89,10 @@ def sync(device: torch.device) -> None:
 
 
 def compare(device: torch.device, repeats: int, ours, theirs) -> dict:
-    """Median seconds of ``ours`` and ``theirs`` (alternated, after one warm-up each), their
-    ratio, and on CUDA each one's peak memory above what was allocated before it."""
+    """Median seconds of ``ours`` and ``theirs`` over ``repeats`` pairs of adjacent runs (after
+    one warm-up each; the order inside a pair alternates), and the median of the pairs'
+    ratios: a shared machine that slows down for a while slows both runs of a pair. On CUDA
+    also each one's peak memory above what was allocated before it."""
     out = {}
     for label, fn in (("lofit", ours), ("hf", theirs)):  # warm-up + peak memory
         if device.type == "cuda":
@@ -100,17 +103,22 @@ def compare(device: torch.device, repeats: int, ours, theirs) -> dict:
         sync(device)
         if device.type == "cuda":
             out[f"{label}_peak_extra_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+
+    def seconds(fn) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
     times: dict[str, list[float]] = {"lofit": [], "hf": []}
-    for _ in range(repeats):
-        for label, fn in (("lofit", ours), ("hf", theirs)):
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[label].append(time.perf_counter() - start)
+    for i in range(repeats):
+        order = (("lofit", ours), ("hf", theirs))
+        for label, fn in order if i % 2 == 0 else order[::-1]:
+            times[label].append(seconds(fn))
     out["lofit_s"] = round(statistics.median(times["lofit"]), 5)
     out["hf_s"] = round(statistics.median(times["hf"]), 5)
-    out["ratio"] = round(out["lofit_s"] / out["hf_s"], 3)
+    out["ratio"] = round(statistics.median(a / b for a, b in zip(times["lofit"], times["hf"])), 3)
     return out
 
 
