@@ -23,8 +23,9 @@ device and dtype:
 Runs come in ``--repeats`` adjacent pairs, one of each side (order alternating), after a
 warm-up; times are medians, and the ratio lofit-lens / HF is the median of the pairs' ratios
 (a shared machine that slows down for a while slows both runs of a pair). On CUDA each
-side's peak memory above the resident weights is reported too. ``--shape`` builds a random-init model of that shape
-(SmolLM2's tokenizer): timings and memory are valid on random weights, accuracy is not.
+side's peak memory above the resident weights is reported too. ``--shape`` builds a
+random-init model of that shape (SmolLM2's tokenizer): timings and memory are valid on random
+weights, accuracy is not.
 ``overhead`` (32 layers of width 64) makes per-module overhead dominate on a CPU, as it does
 on a GPU.
 
