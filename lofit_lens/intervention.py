@@ -16,7 +16,6 @@ import contextlib
 import functools
 from typing import Any, Callable, ClassVar, ContextManager, Iterable, Iterator, Protocol, runtime_checkable
 
-import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn

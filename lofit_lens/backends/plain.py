@@ -33,7 +33,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
