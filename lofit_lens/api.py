@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 
+from lofit_lens.backends.fingerprint import model_fingerprint
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.checkpoint import PhaseCheckpoint, logged_phase, run_phase
 from lofit_lens.config import LoFiTConfig, parse_epochs
@@ -16,7 +17,8 @@ from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
 from lofit_lens.intervention import top_heads
 from lofit_lens.result import LoFiTResult
 from lofit_lens.run_settings import (
-    STEP1_FIELDS, STEP2_FIELDS, config_fields, model_settings, task_settings,
+    STEP1_FIELDS, STEP2_FIELDS, config_fields, data_settings, eval_data_settings,
+    model_settings, task_settings,
 )
 from lofit_lens.training import (
     TaskLike, TrainingSet, resolve_run, select_heads, training_data, tune_biases,
@@ -63,9 +65,9 @@ def lofit(
     examples = training_data(task_obj, cfg)  # read and hashed once per run
     ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint)
     run = {**model_settings(model), "task": task_settings(task_obj)}
-    trained = {**run, "train_data": examples.data_hash, "max_val_examples": cfg.max_val_examples}
-    evaluated = {**run, "eval_splits": list(cfg.eval_splits),
-                 "max_eval_examples": cfg.max_eval_examples}
+    trained = {**run, **data_settings(examples)}
+    evaluated = {**run, "eval_data": eval_data_settings(task_obj, cfg.eval_splits,
+                                                        cfg.max_eval_examples)}
 
     def evaluation(label: str, intervention=None) -> dict:
         start = time.perf_counter()
@@ -102,6 +104,8 @@ def lofit(
         selected_heads=heads,
         history=history,
         data_hash=examples.data_hash,
+        model_fingerprint=model_fingerprint(model),
+        model_dtype=str(getattr(model.cfg, "dtype", "")),
     )
     if cfg.eval_splits:
         with logged_phase("lofit"):

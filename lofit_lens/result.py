@@ -50,6 +50,10 @@ class LoFiTResult:
     data_hash: str = ""
     versions: dict[str, str] = field(default_factory=library_versions)
     timings: RunTimings = field(default_factory=RunTimings)
+    model_fingerprint: str = ""
+    """``backends.fingerprint.model_fingerprint`` of the model it was trained on ("" when
+    unknown: results saved before 0.2.0)."""
+    model_dtype: str = ""
 
     def __post_init__(self) -> None:
         # A result is a record: its tensors live on the CPU (training may have run on a GPU).
@@ -160,11 +164,14 @@ class LoFiTResult:
                 "seed": self.seed,
                 "versions": self.versions,
                 "timings": self.timings.to_dict(),
+                "model_fingerprint": self.model_fingerprint,
+                "model_dtype": self.model_dtype,
                 "attachments": list(attachments),
             }
             save_artifact(out, {"head_scores": self.head_scores, "scale": self.scale,
                                 "bias": self.bias}, card, kind=RESULT_KIND,
-                          card_name=CARD_NAME, tensors_name=TENSORS_NAME)
+                          card_name=CARD_NAME, tensors_name=TENSORS_NAME,
+                          files=(PREDICTIONS_NAME,))
         return out
 
     @classmethod
@@ -208,6 +215,8 @@ class LoFiTResult:
             data_hash=card.get("data_hash", ""),
             versions=card.get("versions", {}),
             timings=RunTimings.from_dict(card.get("timings")),
+            model_fingerprint=card.get("model_fingerprint", ""),
+            model_dtype=card.get("model_dtype", ""),
         )
         if model is not None:
             result.check_compatible(model, allow_other_model=allow_other_model)

@@ -1,23 +1,30 @@
 """The settings that identify a run's steps: what a cache key or a checkpoint key hashes.
 
-Settings that do not change the learned parameters (validation size, evaluation batch size,
-progress bars) are left out, so changing them reuses saved work.
+A key covers everything the saved thing depends on: the model (its id, shape, dtype and a
+hash of its weights), the versions that change numbers, the task, the hashes of the data the
+step reads (training, validation or evaluation rows) and the step's settings. Settings that
+do not change the numbers (evaluation batch size, progress bars) are left out, so changing
+them reuses saved work.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+from lofit_lens.backends.fingerprint import model_fingerprint
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.tasks.base import Task, hash_examples
-from lofit_lens.training import training_data
+from lofit_lens.training import RunData, training_data
+from lofit_lens.versions import library_versions
 
 STEP1_FIELDS = ("seed", "l1_lambda", "lr_select", "epochs_select", "batch_size", "init_std",
                 "weight_decay", "adam_eps", "dpo_beta", "protocol", "max_grad_norm")
 STEP2_FIELDS = ("seed", "lr_bias", "epochs_bias", "batch_size", "init_std", "weight_decay",
                 "adam_eps", "dpo_beta", "protocol", "max_grad_norm")
 EVAL_SPLIT = "test"
+NUMERIC_VERSIONS = ("lofit-lens", "torch", "transformers", "transformer-lens")
+"""The packages whose version can change a computed number."""
 
 
 
@@ -26,8 +33,23 @@ def config_fields(cfg: LoFiTConfig, fields: Sequence[str]) -> dict[str, Any]:
 
 
 def model_settings(model) -> dict[str, Any]:
+    """The model's id, shape, dtype and weights' hash, and the versions that compute with it."""
+    versions = library_versions()
     return {"model_id": model_id(model), "dims": list(model_dims(model)),
-            "dtype": str(getattr(model.cfg, "dtype", ""))}
+            "dtype": str(getattr(model.cfg, "dtype", "")), "weights": model_fingerprint(model),
+            "versions": {name: versions[name] for name in NUMERIC_VERSIONS}}
+
+
+def data_settings(data: RunData) -> dict[str, Any]:
+    """The hashes and sizes of the rows a training step reads (training and validation)."""
+    return {"train_hash": data.data_hash, "n_train": len(data.train),
+            "val_hash": hash_examples(data.val), "n_val": len(data.val)}
+
+
+def eval_data_settings(task: Task, splits: Sequence[str],
+                       max_examples: int | None) -> dict[str, str]:
+    """The hash of each evaluated split's rows, as evaluation reads them."""
+    return {split: hash_examples(task.eval_examples(split, max_examples)) for split in splits}
 
 
 def task_settings(task: Task) -> dict[str, Any]:
@@ -41,10 +63,8 @@ def eval_examples(task: Task, cfg: LoFiTConfig):
 
 def step_settings(model, task: Task, cfg: LoFiTConfig, fields: Sequence[str]) -> dict[str, Any]:
     """Model, task, training-data hash and the config ``fields`` of one training step."""
-    data = training_data(task, cfg)
     return {**model_settings(model), "task": task_settings(task),
-            "train_hash": data.data_hash, "n_train": len(data.train),
-            **config_fields(cfg, fields)}
+            **data_settings(training_data(task, cfg)), **config_fields(cfg, fields)}
 
 
 def eval_settings(model, task: Task, cfg: LoFiTConfig) -> dict[str, Any]:

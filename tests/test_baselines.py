@@ -92,7 +92,7 @@ def test_every_method_runs_on_generation(tiny_model, task_files):
 
 
 def test_compare_writes_tables_and_resumes_without_retraining(tiny_model, task_files, mc_run,
-                                                               monkeypatch):
+                                                               monkeypatch, caplog):
     frame, out = mc_run
     saved = pd.read_csv(out / "compare.csv")
     assert list(saved["method"]) == list(METHODS)
@@ -109,9 +109,12 @@ def test_compare_writes_tables_and_resumes_without_retraining(tiny_model, task_f
     again = compare(tiny_model, str(task_files["multiple_choice"]), methods=list(METHODS),
                     out=out, **TINY)
     pd.testing.assert_frame_equal(again, frame)
-    with pytest.raises(ValueError, match="other settings"):
+    monkeypatch.undo()
+    with caplog.at_level("WARNING", logger="lofit_lens.baselines.compare"):
         compare(tiny_model, str(task_files["multiple_choice"]), methods=["zero_shot"], out=out,
                 **{**TINY, "k": 3})
+    assert "other settings (config changed): computing it again" in caplog.text
+    assert json.loads((out / "runs" / "zero_shot-seed0.json").read_text())["settings"]["config"]["k"] == 3
 
 
 def test_compare_keeps_per_question_scores_and_bootstraps_mc2(mc_run):

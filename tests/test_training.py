@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -115,3 +117,60 @@ def test_checkpoint_resumes_finished_phases(tiny_model, tiny_task_file, tmp_path
     monkeypatch.setattr(tiny_model.cfg, "dtype", torch.float16)
     with pytest.raises(AssertionError, match="recomputed"):  # another dtype: not reused
         ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
+
+
+def test_checkpoint_recomputes_what_an_edit_changed(tiny_model, tiny_task_file, tmp_path,
+                                                    monkeypatch):
+    """Editing the evaluation answers recomputes the evaluations only; other weights under the
+    same model name recompute everything."""
+    task = tmp_path / "task.jsonl"
+    task.write_text(tiny_task_file.read_text())
+    kwargs = dict(k=2, epochs=1, eval_splits=("test",), checkpoint=tmp_path / "ckpt", **QUICK)
+    first = ll.lofit(tiny_model, str(task), **kwargs)
+    rows = [json.loads(line) for line in task.read_text().splitlines()]
+    for row in rows:
+        if row["split"] == "test":
+            row["answer"] = " edited"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def fail(*args, **kw):
+        raise AssertionError("a training step was recomputed")
+
+    monkeypatch.setattr("lofit_lens.api.select_heads", fail)
+    monkeypatch.setattr("lofit_lens.api.tune_biases", fail)
+    again = ll.lofit(tiny_model, str(task), **kwargs)
+    assert torch.equal(again.bias, first.bias)  # training reused
+    answers = {a for row in again.predictions["zero_shot/test"] for a in row["answers"]}
+    assert answers == {" edited"}, answers  # zero-shot scored against the new answers
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(1e-3)  # same name, other weights
+    try:
+        with pytest.raises(AssertionError, match="recomputed"):
+            ll.lofit(tiny_model, str(task), **kwargs)
+    finally:
+        with torch.no_grad():
+            next(tiny_model.parameters()).sub_(1e-3)
+
+
+def test_a_step_1_without_spread_is_not_kept(tiny_model, tiny_task_file, tmp_path):
+    """Issue 21 row: --lr-select 1e3 (for 1e-3) saved a ranking of pure noise as valid."""
+    from lofit_lens.errors import DegenerateSelectionError
+
+    with pytest.raises(DegenerateSelectionError, match="saturated.*far too high"):
+        ll.lofit(tiny_model, str(tiny_task_file), k=2, epochs=1, lr_select=1e3, zero_shot=False,
+                 eval_splits=(), checkpoint=tmp_path, **{k: v for k, v in QUICK.items()
+                                                         if k != "lr_select"})
+    assert not list(tmp_path.glob("select-*"))
+
+
+def test_check_selection_accepts_spread_and_refuses_flat_scores():
+    from lofit_lens.errors import DegenerateSelectionError
+    from lofit_lens.selection_check import check_selection
+
+    check_selection(torch.tensor([[0.1, 0.5], [0.2, 0.3]]), lr=5e-3, d_head=64)
+    with pytest.raises(DegenerateSelectionError, match="L1"):
+        check_selection(torch.zeros(2, 2), lr=5e-3, d_head=64)
+    with pytest.raises(DegenerateSelectionError, match="no spread"):
+        check_selection(torch.full((2, 2), 0.3), lr=5e-3, d_head=64)
+    with pytest.raises(DegenerateSelectionError, match="saturated"):  # the issue's numbers
+        check_selection(torch.linspace(7985, 8000, 270).reshape(30, 9), lr=1e3, d_head=64)

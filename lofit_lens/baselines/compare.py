@@ -12,6 +12,7 @@ only (it has no seed).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +30,19 @@ from lofit_lens.backends.hooked import model_id
 from lofit_lens.intervention import Intervention, rebuild_intervention
 from lofit_lens.intervals import bootstrap_ci, wilson_ci
 from lofit_lens.store import (
-    artifact_exists, folder_lock, jsonable, load_artifact, read_json, save_artifact,
+    artifact_exists, folder_lock, jsonable, load_artifact, load_card, save_artifact,
     write_text,
 )
-from lofit_lens.training import TaskLike, resolve_run
+from lofit_lens.run_settings import data_settings, eval_data_settings, model_settings
+from lofit_lens.training import TaskLike, resolve_run, training_data
 
 RUN_KIND = "compare_run"
 COUNTS = ("n", "truncated_prompts")
 """Metrics that count examples rather than score them: not averaged into the table."""
 DEFAULT_METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
 Cell = dict[str, Any]
+
+logger = logging.getLogger(__name__)
 
 
 def compare(
@@ -129,7 +133,13 @@ def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) 
 
 
 def _settings(ctx: RunContext) -> dict[str, Any]:
-    return jsonable({"model": model_id(ctx.model), "config": ctx.cfg.to_dict(),
+    """What a run depends on: the model (weights' hash included), the data it trains and is
+    evaluated on, the config and the methods' options."""
+    data = {**data_settings(training_data(ctx.task, ctx.cfg)),
+            "eval_data": eval_data_settings(ctx.task, ctx.cfg.eval_splits,
+                                            ctx.cfg.max_eval_examples)}
+    return jsonable({"model": model_id(ctx.model), "model_identity": model_settings(ctx.model),
+                     "data": data, "config": ctx.cfg.to_dict(),
                      "options": dataclasses.asdict(ctx.options)})
 
 
@@ -143,10 +153,13 @@ def _saved_cell(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> O
     folder, stem = _location(ctx, name, fold, out)
     if not artifact_exists(folder, name=stem):
         return None
-    cell = read_json(folder / f"{stem}.json")
-    if not same_settings(cell.get("settings") or {}, _settings(ctx)):
-        raise ValueError(f"{folder / stem}.json holds a run with other settings; pass another "
-                         "`out` folder or delete that file")
+    cell = load_card(folder / f"{stem}.json", kind=RUN_KIND)
+    saved, current = cell.get("settings") or {}, _settings(ctx)
+    if not same_settings(saved, current):
+        changed = sorted(k for k in {**saved, **current} if saved.get(k) != current.get(k))
+        logger.warning("%s.json was computed with other settings (%s changed): computing it "
+                       "again", folder / stem, ", ".join(changed))
+        return None
     if "tensors_file" in cell:  # verify the card and its tensors (0.1.0 wrote JSON only)
         load_artifact(folder, kind=RUN_KIND, name=stem)
     return cell
