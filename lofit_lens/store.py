@@ -3,33 +3,39 @@ artifacts (tensors as safetensors plus a JSON card with the versions and a check
 
 Every saved object (a ``LoFiTResult``, a phase checkpoint, an analysis cell, a baseline's
 intervention) is an *artifact*: ``<name>.safetensors`` and a card ``<name>.json`` (the file
-names can be chosen). The card is written last and holds the SHA-256 of the tensor file, so
-a reader never takes a half-written or mismatched pair for a valid one: it gets an
+names can be chosen). The card is written last and holds the SHA-256 of the tensor file, of
+any companion files it lists, and of the card itself, so a reader never takes a half-written,
+mismatched or edited artifact for a valid one: a changed byte anywhere is an
 ``ArtifactError`` naming the file. Cards of format 1 (lofit-lens 0.1.0) have no checksum and
-load unchecked.
+load unchecked; format 2 cards check the tensors only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lofit_lens.errors import ArtifactError, OutputLockedError
+from lofit_lens.errors import ArtifactError, OutputLockedError, OutputNotWritableError
 from lofit_lens.versions import library_versions
 
-FORMAT_VERSION = 2
-"""1: lofit-lens 0.1.0 (no checksum). 2: ``tensors_sha256`` and ``kind`` on every card."""
-SUPPORTED_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+"""1: lofit-lens 0.1.0 (no checksum). 2: ``tensors_sha256`` and ``kind`` on every card.
+3: also ``card_sha256`` (the card itself) and ``files_sha256`` (companion files)."""
+SUPPORTED_FORMATS = (1, 2, 3)
+CARD_CHECKSUM = "card_sha256"
 LOCK_NAME = ".lofit-lens.lock"
 
 
@@ -67,27 +73,117 @@ def _readable_like_any_file(path: Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` atomically: readers see the old file or the new one, never a part."""
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` atomically: readers see the old file or the new one, never a part. A
+    failed write (a full disk, a read-only folder: ``OutputNotWritableError``) leaves
+    neither a truncated file nor its ``.partial``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as err:
+        discard(tmp)
+        named = write_error(path, err)
+        if named is err:
+            raise
+        raise named from err
     return path
 
 
-def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=1, default=str))
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically, as ``write_bytes``."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def discard(path: Path) -> None:
+    """Remove ``path`` (a ``.partial`` file or folder) if it is there; never raises."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------- writable folders
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+WRITE_FIX = ("free space on that disk, or choose another folder (CLI: --out; the model "
+             "cache: $LOFIT_LENS_CACHE)")
+
+
+def _errno_of(err: BaseException) -> Optional[int]:
+    """The OS error number of ``err``: an ``OSError``'s, or the one a ``SafetensorError``
+    quotes ("... (os error 28)")."""
+    if isinstance(err, OSError):
+        return err.errno
+    if isinstance(err, SafetensorError):
+        found = re.search(r"os error (\d+)", str(err))
+        return int(found.group(1)) if found else None
+    return None
+
+
+def write_error(path: str | Path, err: BaseException, fix: str = WRITE_FIX) -> BaseException:
+    """``OutputNotWritableError`` naming ``path`` when ``err`` says its disk is full or it is
+    read-only; else ``err`` itself (other failures keep their own error)."""
+    number = _errno_of(err)
+    if number in FULL:
+        why = "the disk is full"
+    elif number in READ_ONLY:
+        why = "the folder is read-only (or not this user's to write)"
+    else:
+        return err
+    detail = getattr(err, "strerror", None) or str(err)
+    return OutputNotWritableError(f"Cannot write {path}: {why} ({detail}); {fix}")
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0, fix: str = WRITE_FIX) -> None:
+    """Raise ``OutputNotWritableError`` unless a file can be written in ``folder`` (or, if it
+    does not exist yet, in the folder it would be made in) and its disk has ``need_bytes``
+    free. Writes and removes one small probe file; makes no folder."""
+    folder = Path(folder).absolute()
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise OutputNotWritableError(f"Cannot write in {folder}: {where} is a file, not a "
+                                     f"folder; {fix}")
+    probe = where / f".lofit-lens-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+    except OSError as err:
+        named = write_error(folder, err, fix)
+        if named is err:
+            raise
+        raise named from err
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    stats = os.statvfs(where)
+    free = stats.f_bavail * stats.f_frsize
+    if stats.f_blocks and free < need_bytes:  # f_blocks 0: the file system tells no sizes
+        raise OutputNotWritableError(
+            f"Cannot write {folder}: its disk has {free / 2**20:.0f} MiB free and this needs "
+            f"about {need_bytes / 2**20:.0f} MiB; {fix}")
 
 
 def read_json(path: str | Path) -> Any:
     """The JSON in ``path``; a damaged file is an ``ArtifactError`` that names it."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtifactError(f"{path} is not valid JSON (damaged or truncated): {err}") from err
+
+
+def card_sha256(card: Mapping[str, Any]) -> str:
+    """SHA-256 of a card's canonical JSON, less its own ``card_sha256``."""
+    body = {k: v for k, v in card.items() if k != CARD_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_sha256(path: str | Path) -> str:
@@ -110,21 +206,12 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
     folder would mix their files). Re-entrant within a process.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(folder)
     if key in _held:
         fd, depth = _held[key]
         _held[key] = (fd, depth + 1)
     else:
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputLockedError(
-                f"{folder} is in use by another lofit-lens process (it holds {LOCK_NAME}); "
-                "give this run another output folder, or wait for the other to finish"
-            ) from None
+        fd = _locked(folder)
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         _held[key] = (fd, 1)
@@ -140,30 +227,104 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
             os.close(fd)
 
 
+def _locked(folder: Path) -> int:
+    """A descriptor of ``folder``'s lock file, locked (the folder and file made if needed)."""
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            named = write_error(folder, err)
+            if named is err:
+                raise
+            raise named from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"{folder} is in use by another lofit-lens process (it holds {LOCK_NAME}); "
+                "give this run another output folder, or wait for the other to finish"
+            ) from None
+        try:  # the file still at its path: not removed by remove_unused_folder meanwhile
+            if os.path.samestat(os.fstat(fd), os.stat(folder / LOCK_NAME)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _only_empty_folders(folder: Path) -> bool:
+    return all(p.is_dir() and not p.is_symlink() and _only_empty_folders(p)
+               for p in folder.iterdir())
+
+
+def remove_unused_folder(folder: str | Path, remove_folder: bool = True) -> bool:
+    """Remove ``folder``'s lock file, and with ``remove_folder`` the folder too, when it holds
+    nothing else (empty subfolders aside): what a run that stopped before writing anything
+    leaves. A folder in use by another process, or holding any file, is left as it is.
+    Returns whether something was removed."""
+    folder = Path(folder)
+    if os.path.realpath(folder) in _held or not (folder / LOCK_NAME).is_file():
+        return False
+    try:
+        fd = _locked(folder)
+    except (OutputLockedError, OSError):
+        return False
+    try:
+        if not all(p.name == LOCK_NAME or (p.is_dir() and not p.is_symlink()
+                                           and _only_empty_folders(p))
+                   for p in folder.iterdir()):
+            return False
+        (folder / LOCK_NAME).unlink()  # held meanwhile: a waiting process retries (_locked)
+        if remove_folder:
+            for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return True
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------- artifacts
 def save_artifact(folder: str | Path, tensors: Mapping[str, Tensor], card: Mapping[str, Any], *,
                   kind: str, name: Optional[str] = None, card_name: Optional[str] = None,
-                  tensors_name: Optional[str] = None) -> Path:
+                  tensors_name: Optional[str] = None, files: Sequence[str] = ()) -> Path:
     """Write ``tensors`` (fp32, contiguous) and ``card`` under ``folder``; returns the card path.
 
     Files: ``<name>.safetensors`` and ``<name>.json``, or ``tensors_name`` / ``card_name``.
-    The card gains ``format_version``, ``kind``, ``versions``, ``tensors_file`` and
-    ``tensors_sha256``; it is written after the tensors, both atomically.
+    ``files``: companion files already written in ``folder`` (say ``predictions.jsonl``) whose
+    checksums the card keeps. The card gains ``format_version``, ``kind``, ``versions``,
+    ``tensors_file``, ``tensors_sha256``, ``files_sha256`` and, last, ``card_sha256``; it is
+    written after the tensors, both atomically.
     """
     folder = Path(folder)
     card_path = folder / (card_name or f"{name}.json")
     tensor_path = folder / (tensors_name or f"{name}.safetensors")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = _partial(tensor_path)
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()},
-              str(tmp))
-    _readable_like_any_file(tmp)
-    checksum = file_sha256(tmp)
-    os.replace(tmp, tensor_path)
+    try:
+        save_file({k: v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in tensors.items()}, str(tmp))
+        _readable_like_any_file(tmp)
+        checksum = file_sha256(tmp)
+        os.replace(tmp, tensor_path)
+    except BaseException as err:  # a full disk or a read-only folder: no .partial left
+        discard(tmp)
+        named = write_error(tensor_path, err)
+        if named is err:
+            raise
+        raise named from err
     full = {"format_version": FORMAT_VERSION, "kind": kind, **dict(card),
             "versions": dict(card.get("versions") or library_versions()),
-            "tensors_file": tensor_path.name, "tensors_sha256": checksum}
-    write_text(card_path, json.dumps(jsonable(full), indent=2))
+            "tensors_file": tensor_path.name, "tensors_sha256": checksum,
+            "files_sha256": {f: file_sha256(folder / f) for f in files}}
+    full = jsonable(full)
+    full[CARD_CHECKSUM] = card_sha256(full)
+    write_text(card_path, json.dumps(full, indent=2))
     return card_path
 
 
@@ -185,6 +346,10 @@ def load_card(card_path: str | Path, kind: Optional[str] = None,
             "Upgrade lofit-lens to load it")
     if kind is not None and card.get("kind", kind) != kind:
         raise ArtifactError(f"{card_path} holds a {card['kind']!r}, not a {kind!r}")
+    if version >= 3 and card.get(CARD_CHECKSUM) != card_sha256(card):
+        raise ArtifactError(
+            f"{card_path} does not match its own checksum ({CARD_CHECKSUM}): the card was "
+            "edited or damaged after it was saved. Recompute the result (or restore the file)")
     missing = [key for key in required if key not in card]
     if missing:
         raise ArtifactError(f"{card_path} lacks {', '.join(map(repr, missing))}: "
@@ -214,7 +379,14 @@ def load_artifact(folder: str | Path, *, kind: Optional[str] = None, name: Optio
     folder = Path(folder)
     card = load_card(folder / (card_name or f"{name}.json"), kind, required)
     tensor_file = card.get("tensors_file") or tensors_name or f"{name}.safetensors"
-    return load_tensors(folder / tensor_file, card.get("tensors_sha256")), card
+    tensors = load_tensors(folder / tensor_file, card.get("tensors_sha256"))
+    for file, checksum in (card.get("files_sha256") or {}).items():
+        if not (folder / file).is_file() or file_sha256(folder / file) != checksum:
+            raise ArtifactError(
+                f"{folder / file} is missing or does not match the SHA-256 in "
+                f"{folder / (card_name or f'{name}.json')}: it was changed or damaged after "
+                "it was saved")
+    return tensors, card
 
 
 def artifact_exists(folder: str | Path, *, name: Optional[str] = None,

@@ -471,8 +471,8 @@ def test_truncated_tensors_name_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="tensors.safetensors"):
         LoFiTResult.load(tmp_path)
-    del card["tensors_sha256"]  # without a checksum, the reader's own error is named
-    (tmp_path / "result.json").write_text(json.dumps(card))
+    del card["tensors_sha256"]  # without a checksum (format 2), the reader's own error is named
+    (tmp_path / "result.json").write_text(json.dumps(as_format_2(card)))
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
         LoFiTResult.load(tmp_path)
 
@@ -484,12 +484,64 @@ def test_damaged_cards_are_named(tmp_path):
     card_path.write_text(card_path.read_text()[:50])
     with pytest.raises(ArtifactError, match="not valid JSON"):
         LoFiTResult.load(tmp_path)
-    card_path.write_text(json.dumps({k: v for k, v in card.items() if k != "selected_heads"}))
+    card_path.write_text(json.dumps(as_format_2(
+        {k: v for k, v in card.items() if k != "selected_heads"})))
     with pytest.raises(ArtifactError, match="lacks 'selected_heads'"):
         LoFiTResult.load(tmp_path)
     card_path.write_text(json.dumps({**card, "format_version": 99}))
     with pytest.raises(ArtifactError, match="format_version 99"):
         LoFiTResult.load(tmp_path)
+
+
+def as_format_2(card: dict) -> dict:
+    """``card`` as lofit-lens wrote it before cards carried their own checksum."""
+    return {**{k: v for k, v in card.items() if k not in ("card_sha256", "files_sha256")},
+            "format_version": 2}
+
+
+def test_an_edited_card_fails_its_checksum(tmp_path):
+    """Issue 21 row: a flipped digit in selected_heads loaded, and apply() put v elsewhere."""
+    make_result().save(tmp_path)
+    card_path = tmp_path / "result.json"
+    text = card_path.read_text()
+    edited = text.replace('"selected_heads": [\n    [\n      1,', '"selected_heads": [\n    [\n      2,')
+    assert edited != text
+    card_path.write_text(edited)
+    with pytest.raises(ArtifactError, match="result.json does not match its own checksum"):
+        LoFiTResult.load(tmp_path)
+
+
+def test_a_flipped_high_bit_in_a_card_is_named(tmp_path):
+    """Issue 21 row: a raw UnicodeDecodeError that named no file."""
+    make_result().save(tmp_path)
+    card_path = tmp_path / "result.json"
+    raw = bytearray(card_path.read_bytes())
+    raw[40] |= 0x80
+    card_path.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="result.json"):
+        LoFiTResult.load(tmp_path)
+
+
+def test_edited_predictions_fail_the_checksum(tmp_path):
+    make_result().save(tmp_path)
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(path.read_text().replace('"x"', '"y"'))
+    with pytest.raises(ArtifactError, match="predictions.jsonl"):
+        LoFiTResult.load(tmp_path)
+
+
+def test_an_edited_analysis_cell_is_not_reused(tmp_path):
+    """Issue 21 row: editing accuracy in a cached cell's card made k_sweep report it."""
+    from lofit_lens.analysis.cells import cached_record
+
+    def compute():
+        return {"accuracy": 0.0}, {}
+
+    first = cached_record(tmp_path, "cell", {"a": 1}, compute)
+    card_path = Path(first["path"])
+    card_path.write_text(card_path.read_text().replace('"accuracy": 0.0', '"accuracy": 0.875'))
+    with pytest.raises(ArtifactError, match="does not match its own checksum"):
+        cached_record(tmp_path, "cell", {"a": 1}, compute)
 
 
 def test_mixed_folder_is_refused(tmp_path):

@@ -34,7 +34,7 @@ from lofit_lens.run_settings import (
     STEP1_FIELDS, STEP2_FIELDS, eval_examples, eval_settings, step_settings,
 )
 from lofit_lens.store import (
-    artifact_exists, load_artifact, read_json, save_artifact, settings_key, slug,
+    artifact_exists, load_artifact, load_card, save_artifact, settings_key, slug,
 )
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import (
@@ -56,7 +56,7 @@ def cached_record(folder: Path, name: str, settings: Mapping[str, Any],
     stem = f"{slug(name)}-{key}"
     folder = Path(folder)
     if artifact_exists(folder, name=stem):
-        card = read_json(folder / f"{stem}.json")
+        card = load_card(folder / f"{stem}.json", kind="cell")
         if "tensors_file" not in card:  # 0.1.0: one JSON file, tensors as lists
             return {**card, "cached": True, "path": str(folder / f"{stem}.json")}
         tensors, card = load_artifact(folder, kind="cell", name=stem)
