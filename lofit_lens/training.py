@@ -27,6 +27,7 @@ from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervention import Head, HeadIntervention, Intervention, top_heads
 from lofit_lens.objectives import Objective, build_objective
 from lofit_lens.prefix import first_edited_layer, frozen_prefix
+from lofit_lens.selection_check import check_selection
 from lofit_lens.tasks import Task, get_task
 from lofit_lens.tasks.base import TrainingExample, hash_examples
 
@@ -314,7 +315,9 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
     )
     history.seconds, history.data_hash, history.n_train = time.perf_counter() - start, data_hash, len(train)
     history.trainable_parameters = intervention.num_trainable_parameters()
-    return HeadSelection(intervention.scale_norms().cpu(), intervention.scale.detach().cpu().clone(), history)
+    scores = intervention.scale_norms().cpu()
+    check_selection(scores, cfg.lr_select, model_dims(model).d_head)
+    return HeadSelection(scores, intervention.scale.detach().cpu().clone(), history)
 
 
 def tune_biases(model, task: TaskLike, heads: Optional[Sequence[Head]], *,
