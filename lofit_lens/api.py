@@ -72,7 +72,8 @@ def lofit(
     def evaluation(label: str, intervention=None) -> dict:
         start = time.perf_counter()
         m, p = split_metrics(model, task_obj, cfg.eval_splits, cfg.max_eval_examples,
-                             intervention, cfg.eval_batch_size, progress, label)
+                             intervention, cfg.eval_batch_size, progress, label,
+                             cfg.eval_batch_tokens)
         return {"metrics": m, "predictions": p, "seconds": time.perf_counter() - start}
 
     @functools.cache

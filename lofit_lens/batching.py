@@ -25,6 +25,22 @@ from torch import Tensor
 from lofit_lens.errors import PromptTooLongError
 
 Pair = tuple[list[int], list[int]]
+EVAL_BATCH_TOKENS = 16384
+"""Default bound on an evaluation batch's padded tokens (``LoFiTConfig.eval_batch_tokens``)."""
+
+
+def token_batches(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Row indices sorted by ``lengths``, cut into batches of at most ``max_rows`` rows whose
+    padded size (rows x longest length) stays within ``max_tokens``: a long row runs with
+    fewer others, or alone, so its length does not multiply by the batch size."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batch and (len(batch) == max_rows or (len(batch) + 1) * lengths[i] > max_tokens):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
 
 
 @dataclass

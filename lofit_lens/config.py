@@ -70,9 +70,9 @@ def _setting(default: Any = dataclasses.MISSING, help: str = "", *, minimum: Any
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-NON_RESULT_FIELDS = ("eval_batch_size", "prefix_cache_mb")
-"""``LoFiTConfig`` fields that change speed or memory, not results: left out of cache keys
-and of what makes two saved results "the same run"."""
+NON_RESULT_FIELDS = ("eval_batch_size", "eval_batch_tokens", "prefix_cache_mb", "strict_data")
+"""``LoFiTConfig`` fields that change speed, memory or checks, not results: left out of cache
+keys and of what makes two saved results "the same run"."""
 
 
 @dataclass
@@ -114,11 +114,18 @@ class LoFiTConfig:
         None, "test examples evaluated per split, at most", minimum=1, none="all",
         zero_is_none=True)
     eval_splits: tuple[str, ...] = _setting(("test",), "splits evaluated", cli=False)
-    eval_batch_size: int = _setting(16, "evaluation batch size", minimum=1)
+    eval_batch_size: int = _setting(16, "evaluation batch size (rows), at most", minimum=1)
+    eval_batch_tokens: int = _setting(
+        16384, "evaluation batch size in tokens (rows x padded length), at most: one long row "
+               "runs with fewer others, or alone", minimum=1)
     prefix_cache_mb: float = _setting(
         1024.0, "memory (MB) for the frozen-prefix cache of a step whose heads all lie at or "
                 "above a layer l0 > 0 (blocks below l0 then run once per row; above the budget "
                 "the cache goes to disk; 0 turns it off)", minimum=0)
+    strict_data: bool = _setting(
+        False, "stop with DataError, before any model work, when the task data has duplicate "
+               "rows or val/test rows whose prompt is also a training row's (without it: a "
+               "DataWarning naming the rows; docs/gotchas.md)")
     extra: dict[str, Any] = _setting(
         help="free-form task options (e.g. {'fold': 1} for TruthfulQA, data_dir)", cli=False,
         default_factory=dict)
@@ -145,6 +152,8 @@ class LoFiTConfig:
                     raise ConfigError(f"{f.name}={value!r}: {err}") from None
             elif kind in ("int", "float"):
                 _check_number(f, value, kind, optional)
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name}={value!r}: must be True or False")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra={self.extra!r}: must be a dict of task options")
         return self
@@ -200,7 +209,7 @@ class LoFiTConfig:
 # ---------------------------------------------------------------------- checks
 @functools.lru_cache(maxsize=None)
 def _field_kinds() -> dict[str, tuple[str, bool]]:
-    """``{field: (kind, optional)}``, kind one of int, float, k, choice, other."""
+    """``{field: (kind, optional)}``, kind one of bool, int, float, k, choice, other."""
     kinds = {}
     for name, hint in typing.get_type_hints(LoFiTConfig).items():
         optional = False
@@ -209,7 +218,9 @@ def _field_kinds() -> dict[str, tuple[str, bool]]:
             rest = tuple(a for a in args if a is not type(None))
             optional = len(rest) < len(args)
             hint = rest[0] if len(rest) == 1 else Union[rest]
-        if hint is int:
+        if hint is bool:
+            kind = "bool"
+        elif hint is int:
             kind = "int"
         elif hint is float:
             kind = "float"
@@ -294,7 +305,8 @@ def add_config_arguments(parser: Union[argparse.ArgumentParser, Any], names: Seq
                          fallbacks: Optional[Mapping[str, Any]] = None,
                          notes: Optional[Mapping[str, str]] = None) -> None:
     """Add a ``--field-name`` flag for each ``LoFiTConfig`` field of ``names`` (``"epochs"``:
-    one flag for both epochs fields), with its type, help and range from the field.
+    one flag for both epochs fields), with its type, help and range from the field; a bool
+    field is a switch (``--strict-data`` sets True).
 
     A name in ``defaults`` gets that argparse default. The others default to ``None``, which
     means "not given": ``config_overrides`` leaves them out, and the caller's layers (a
@@ -311,7 +323,8 @@ def add_config_arguments(parser: Union[argparse.ArgumentParser, Any], names: Seq
         else:
             f = fields[name]
             kind, optional = _field_kinds()[name]
-            kwargs = {"int": dict(type=int), "float": dict(type=float), "k": dict(type=parse_k),
+            kwargs = {"bool": dict(action="store_true"), "int": dict(type=int),
+                      "float": dict(type=float), "k": dict(type=parse_k),
                       "choice": dict(choices=typing.get_args(typing.get_type_hints(
                           LoFiTConfig)[name]))}[kind]
             text = f.metadata["help"]

@@ -91,3 +91,55 @@ def test_smollm2_batched_generation_with_kv_cache(smollm2):
     single = [greedy_generate(smollm2, [p], max_new_tokens=5, progress=False)[0] for p in prompts]
     assert batched == single
     assert batched[0].startswith(" Paris")
+
+
+def test_token_batches_bound_rows_and_padded_tokens():
+    from lofit_lens.batching import token_batches
+
+    lengths = [30, 10, 400, 12, 11, 31, 29]
+    batches = token_batches(lengths, max_rows=4, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert batches[-1] == [2]  # the long row runs alone
+    for batch in batches[:-1]:
+        assert len(batch) <= 4 and len(batch) * max(lengths[i] for i in batch) <= 100
+    assert token_batches(lengths, 16, 10**9) == [sorted(range(7), key=lambda i: lengths[i])]
+
+
+def test_one_long_prompt_does_not_pad_the_whole_batch(tiny_model, monkeypatch):
+    """Issue 21 row: one 20,000-token test row padded 15 short rows to its length (21.4 GB).
+    Batches are bounded by tokens: the long prompt runs alone, the texts do not change."""
+    import lofit_lens.eval.generation as generation
+
+    prompts = PROMPTS + ["word " * 300]
+    shapes = []
+    run = generation._generate_rows
+
+    def recording(model, rows, *args):
+        shapes.append((len(rows), max(map(len, rows))))
+        return run(model, rows, *args)
+
+    monkeypatch.setattr(generation, "_generate_rows", recording)
+    bounded = greedy_generate(tiny_model, prompts, max_new_tokens=4, batch_size=16,
+                              progress=False, max_batch_tokens=200)
+    assert shapes[-1][0] == 1 and shapes[-1][1] > 200
+    assert all(rows * (longest + 4) <= 200 for rows, longest in shapes[:-1])
+    assert bounded == greedy_generate(tiny_model, prompts, max_new_tokens=4, batch_size=1,
+                                      progress=False)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_mc_scores_do_not_change_with_the_token_bound(tiny_model, share_prefix):
+    from lofit_lens.backends.hooked import uses_bridge
+    from lofit_lens.eval.mc_scoring import choice_scores
+    from lofit_lens.tasks.base import ChoiceExample
+
+    if share_prefix and not uses_bridge(tiny_model):
+        pytest.skip("shared-prefix scoring needs a TransformerBridge")
+    examples = [ChoiceExample("Q: pick red A:", ["red", "blue", "cat"], [0]),
+                ChoiceExample("Q: " + "a long question " * 40 + "A:", ["sun", "moon"], [1]),
+                ChoiceExample("Q: short A:", ["x", "y"], [0])]
+    kwargs = dict(share_prefix=share_prefix, protocol="clean", progress=False)
+    wide = choice_scores(tiny_model, examples, **kwargs)
+    tight = choice_scores(tiny_model, examples, max_batch_tokens=40, **kwargs)
+    for w, t in zip(wide, tight):
+        torch.testing.assert_close(w, t, rtol=0, atol=1e-4)

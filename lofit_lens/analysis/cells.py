@@ -140,7 +140,8 @@ def per_example(task: Task, rows: Sequence[Mapping[str, Any]]) -> list[float]:
 def _evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,
                desc: str) -> dict[str, Any]:
     metrics, rows = evaluate(model, task, eval_examples(task, cfg), intervention,
-                             cfg.eval_batch_size, progress, desc=desc)
+                             cfg.eval_batch_size, progress, desc=desc,
+                             max_batch_tokens=cfg.eval_batch_tokens)
     metric = primary_metric(task)
     return {"metric": metric, "accuracy": metrics[metric], "metrics": metrics,
             "correct": per_example(task, rows)}

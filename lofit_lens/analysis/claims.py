@@ -149,7 +149,8 @@ def _scores(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[flo
 def _evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,
                desc: str) -> dict[str, Any]:
     metrics, rows = evaluate(model, task, eval_examples(task, cfg), intervention,
-                             cfg.eval_batch_size, progress, desc=desc)
+                             cfg.eval_batch_size, progress, desc=desc,
+                             max_batch_tokens=cfg.eval_batch_tokens)
     metric = "exact_match" if task.kind == "generation" else "mc1"
     return {"metric": metric, "accuracy": metrics[metric], "metrics": metrics,
             **_scores(task, rows)}

@@ -256,7 +256,8 @@ def _run(ctx: RunContext, name: str, fold: Optional[int]) -> tuple[Cell, Optiona
     start = time.perf_counter()
     metrics, predictions = split_metrics(ctx.model, ctx.task, ctx.cfg.eval_splits,
                                          ctx.cfg.max_eval_examples, run.intervention,
-                                         ctx.cfg.eval_batch_size, ctx.progress, label=name)
+                                         ctx.cfg.eval_batch_size, ctx.progress, label=name,
+                                         max_batch_tokens=ctx.cfg.eval_batch_tokens)
     return {
         "method": name, "task": ctx.task.name, "seed": ctx.cfg.seed, "fold": fold,
         "split": ctx.cfg.eval_splits[0], "metrics": metrics, "params": run.params,

@@ -15,6 +15,7 @@ import contextlib
 from typing import Any, Optional, Sequence
 
 from lofit_lens.backends.hooked import check_hooked_model
+from lofit_lens.batching import EVAL_BATCH_TOKENS
 from lofit_lens.eval.generation import greedy_generate
 from lofit_lens.intervention import HeadIntervention
 from lofit_lens.eval.mc_scoring import choice_scores, mc_metrics
@@ -31,24 +32,26 @@ def evaluate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "evaluate",
+    max_batch_tokens: int = EVAL_BATCH_TOKENS,
 ) -> tuple[dict[str, float], Predictions]:
-    """Metrics and per-example predictions of ``model`` (with ``intervention`` if given)."""
+    """Metrics and per-example predictions of ``model`` (with ``intervention`` if given).
+    Batches hold at most ``batch_size`` rows and ``max_batch_tokens`` padded tokens."""
     check_hooked_model(model)
     if not examples:
         raise ValueError(f"No {task.name} examples to evaluate")
     attach = intervention.attach(model) if intervention is not None else contextlib.nullcontext()
     with attach:
         if task.kind == "generation":
-            return _exact_match(model, task, examples, batch_size, progress, desc)
-        return _multiple_choice(model, task, examples, batch_size, progress, desc)
+            return _exact_match(model, task, examples, batch_size, max_batch_tokens, progress, desc)
+        return _multiple_choice(model, task, examples, batch_size, max_batch_tokens, progress, desc)
 
 
-def _exact_match(model, task: Task, examples, batch_size, progress, desc):
+def _exact_match(model, task: Task, examples, batch_size, max_batch_tokens, progress, desc):
     truncated: dict[int, int] = {}
     completions = greedy_generate(model, [ex.prompt for ex in examples], task.max_new_tokens,
                                   task.stop_strings, batch_size=batch_size, progress=progress,
                                   desc=desc, with_prompt=task.parse_with_prompt,
-                                  truncated=truncated)
+                                  truncated=truncated, max_batch_tokens=max_batch_tokens)
     rows, hits = [], 0
     for i, (ex, text) in enumerate(zip(examples, completions)):
         pred = task.parse(text)
@@ -61,10 +64,11 @@ def _exact_match(model, task: Task, examples, batch_size, progress, desc):
             "truncated_prompts": len(truncated)}, rows
 
 
-def _multiple_choice(model, task: Task, examples, batch_size, progress, desc):
+def _multiple_choice(model, task: Task, examples, batch_size, max_batch_tokens, progress, desc):
     truncated: dict[int, int] = {}
     scores = choice_scores(model, examples, batch_size=batch_size, progress=progress, desc=desc,
-                           protocol=task.protocol, truncated=truncated)
+                           protocol=task.protocol, truncated=truncated,
+                           max_batch_tokens=max_batch_tokens)
     rows, totals = [], {"mc1": 0.0, "mc2": 0.0, "mc3": 0.0}
     for i, (ex, s) in enumerate(zip(examples, scores)):
         m = mc_metrics(s, ex.correct)
@@ -86,7 +90,8 @@ def _mark_truncated(rows: Predictions, truncated: dict[int, int]) -> None:
 
 def split_metrics(model, task: Task, splits: Sequence[str], max_examples: Optional[int],
                   intervention: Optional[HeadIntervention], batch_size: int, progress: bool,
-                  label: str) -> tuple[dict[str, dict[str, float]], dict[str, Predictions]]:
+                  label: str, max_batch_tokens: int = EVAL_BATCH_TOKENS,
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, Predictions]]:
     """``evaluate`` on each split; returns ({split: metrics}, {split: predictions})."""
     metrics, predictions = {}, {}
     for split in splits:
@@ -95,7 +100,8 @@ def split_metrics(model, task: Task, splits: Sequence[str], max_examples: Option
             raise ValueError(f"No {task.name} examples in split {split!r} to evaluate "
                              f"(eval_splits={list(splits)})")
         metrics[split], predictions[split] = evaluate(
-            model, task, rows, intervention, batch_size, progress, desc=f"{label} {split}")
+            model, task, rows, intervention, batch_size, progress, desc=f"{label} {split}",
+            max_batch_tokens=max_batch_tokens)
     return metrics, predictions
 
 

@@ -20,7 +20,9 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lofit_lens.batching import context_length, encode_prompt, fit_prompt, left_pad, pad_id
+from lofit_lens.batching import (
+    EVAL_BATCH_TOKENS, context_length, encode_prompt, fit_prompt, left_pad, pad_id, token_batches,
+)
 from lofit_lens.backends.hf_cache import hf_greedy_generate
 from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
 
@@ -44,6 +46,7 @@ def greedy_generate(
     desc: str = "generate",
     with_prompt: bool = False,
     truncated: Optional[dict[int, int]] = None,
+    max_batch_tokens: int = EVAL_BATCH_TOKENS,
 ) -> list[str]:
     """The greedy continuation of every prompt (text after the prompt, special tokens
     dropped), cut after the first stop string.
@@ -55,6 +58,9 @@ def greedy_generate(
     A prompt with more than ``n_ctx - max_new_tokens`` tokens runs cut from the left (its
     end and a leading BOS kept); ``truncated``, if given, receives ``{prompt index: tokens
     dropped}`` for those. ``with_prompt`` still decodes the whole prompt.
+
+    Batches hold at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens
+    (prompt and new tokens): a very long prompt runs with fewer others, or alone.
     """
     check_hooked_model(model)
     tok = hf_tokenizer(model)
@@ -72,11 +78,10 @@ def greedy_generate(
                        n_ctx, max_new_tokens)
     if truncated is not None:
         truncated.update(dropped)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    lengths = [len(ids) + max_new_tokens for ids in encoded]
+    for rows in token_batches(lengths, batch_size, max_batch_tokens):
         new_tokens = _generate_rows(model, [encoded[i] for i in rows], max_new_tokens, stop_strings)
         for i, ids in zip(rows, new_tokens):
             if with_prompt:

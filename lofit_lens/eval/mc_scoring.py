@@ -22,7 +22,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lofit_lens.batching import (
-    Pair, collate, context_length, drop_left, encode_pair, encode_prompt, left_pad, pad_id,
+    EVAL_BATCH_TOKENS, Pair, collate, context_length, drop_left, encode_pair, encode_prompt,
+    left_pad, pad_id, token_batches,
 )
 from lofit_lens.backends.hf_cache import (
     decoding_model, forward_with_cache, last_logits_only, left_pad_positions, new_cache,
@@ -43,11 +44,13 @@ def choice_scores(model, examples: Sequence[ChoiceExample], batch_size: int = 16
                   progress: bool = True, desc: str = "score",
                   share_prefix: bool | None = None,
                   protocol: ProtocolName = "official",
-                  truncated: Optional[dict[int, int]] = None) -> list[Float[Tensor, " choice"]]:
+                  truncated: Optional[dict[int, int]] = None,
+                  max_batch_tokens: int = EVAL_BATCH_TOKENS) -> list[Float[Tensor, " choice"]]:
     """Summed log-prob of ``" " + choice`` after each example's prompt, per choice.
 
     ``share_prefix``: score answers from the prompt's KV cache (``None``: on a bridge).
-    ``batch_size`` bounds the answer sequences per forward pass. ``protocol="official"``
+    ``batch_size`` bounds the answer sequences per forward pass, and ``max_batch_tokens``
+    their padded tokens (prompt and answer). ``protocol="official"``
     tokenises prompt and answer together, as honest_llama's scorer does; an example whose
     prompt tokens then differ between answers is scored one full sequence per answer.
 
@@ -77,11 +80,14 @@ def choice_scores(model, examples: Sequence[ChoiceExample], batch_size: int = 16
     scores: list[Tensor] = [torch.zeros(0)] * len(examples)
     if shared:
         found = _shared_prefix_scores(model, [pairs[i][0][0] for i in shared],
-                                      [[a for _, a in pairs[i]] for i in shared], batch_size, bar)
+                                      [[a for _, a in pairs[i]] for i in shared], batch_size,
+                                      max_batch_tokens, bar)
         for i, s in zip(shared, found):
             scores[i] = s
     if rest:
-        for i, s in zip(rest, _full_sequence_scores(model, [pairs[i] for i in rest], batch_size, bar)):
+        found = _full_sequence_scores(model, [pairs[i] for i in rest], batch_size,
+                                      max_batch_tokens, bar)
+        for i, s in zip(rest, found):
             scores[i] = s
     bar.close()
     return scores
@@ -108,14 +114,12 @@ def _fit_context(pairs: list[list[Pair]], n_ctx: Optional[int], bos: Optional[in
     return dropped
 
 
-def _full_sequence_scores(model, pairs: list[list[Pair]], batch_size: int,
+def _full_sequence_scores(model, pairs: list[list[Pair]], batch_size: int, max_tokens: int,
                           bar) -> list[Float[Tensor, " choice"]]:
     """One forward per (prompt + answer) row, rows sorted by length and right-padded."""
     rows = [pair for example in pairs for pair in example]
     flat = torch.zeros(len(rows))
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]) + len(rows[r][1]))
-    for start in range(0, len(order), batch_size):
-        picked = order[start:start + batch_size]
+    for picked in token_batches([len(p) + len(a) for p, a in rows], batch_size, max_tokens):
         batch = collate([rows[r] for r in picked], pad_id(hf_tokenizer(model))).to(model_device(model))
         with answer_positions(answer_index_from_mask(batch.target_mask)):
             flat[picked] = sequence_logprobs(model, batch).cpu()
@@ -124,13 +128,20 @@ def _full_sequence_scores(model, pairs: list[list[Pair]], batch_size: int,
 
 
 def _shared_prefix_scores(model, prompts: list[Ids], answers: list[list[Ids]], batch_size: int,
-                          bar) -> list[Float[Tensor, " choice"]]:
+                          max_tokens: int, bar) -> list[Float[Tensor, " choice"]]:
     """Examples sorted by prompt length, packed into groups of at most ``batch_size``
-    answers (one example at least), each group scored from its prompts' cache."""
+    answers (one example at least) whose answer rows, each with its prompt's cache, hold at
+    most ``max_tokens`` tokens; each group scored from its prompts' cache."""
     scores: list[Tensor] = [torch.zeros(0)] * len(prompts)
     group: list[int] = []
+
+    def size(members: list[int]) -> int:  # answer rows x (longest prompt + longest answer)
+        longest = max(len(prompts[j]) + max(map(len, answers[j])) for j in members)
+        return sum(len(answers[j]) for j in members) * longest
+
     for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
-        if group and sum(len(answers[j]) for j in group) + len(answers[i]) > batch_size:
+        if group and (sum(len(answers[j]) for j in group) + len(answers[i]) > batch_size
+                      or size(group + [i]) > max_tokens):
             _score_group(model, group, prompts, answers, scores, bar)
             group = []
         group.append(i)
