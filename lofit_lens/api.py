@@ -20,6 +20,7 @@ from lofit_lens.run_settings import (
     STEP1_FIELDS, STEP2_FIELDS, config_fields, data_settings, eval_data_settings,
     model_settings, task_settings,
 )
+from lofit_lens.tasks.hygiene import check_data
 from lofit_lens.training import (
     TaskLike, TrainingSet, resolve_run, select_heads, training_data, tune_biases,
 )
@@ -60,6 +61,7 @@ def lofit(
         select, bias = parse_epochs(epochs)
         overrides.update(epochs_select=select, epochs_bias=bias)
     task_obj, cfg = resolve_run(task, config, overrides)
+    check_data(task_obj, strict=cfg.strict_data)  # DataWarning, or DataError before any work
     dims = model_dims(model)
     n_heads = cfg.num_heads(dims.total_heads)
     examples = training_data(task_obj, cfg)  # read and hashed once per run

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Sequence, Union
 
+from lofit_lens.errors import DataError  # noqa: F401  (re-exported: lofit_lens.tasks.DataError)
+
 SPLITS = ("train", "val", "test")
 DATA_DIR_ENV = "LOFIT_DATA_DIR"
 
@@ -99,10 +101,6 @@ class TaskHyperparams:
     l1_lambda: float
     lr_select: float
     lr_bias: float
-
-
-class DataError(ValueError):
-    """A data file is malformed; the message names the file, line and field."""
 
 
 def default_data_dir() -> Path:
@@ -193,6 +191,12 @@ class Task(ABC):
             keep = sorted(random.Random(0).sample(range(len(rows)), max_examples))
             rows = [rows[i] for i in keep]
         return rows
+
+    def data_prompt(self, example: Example) -> str:
+        """The text that identifies a row for the data checks (``tasks.hygiene``): two rows
+        with equal data prompts (and answers) are duplicates, a test row with a training
+        row's data prompt is an overlap. The example's prompt by default."""
+        return example.prompt
 
     @property
     def parse_with_prompt(self) -> bool:

@@ -70,8 +70,12 @@ class Clutrr(Task):
     def load_split(self, split: str) -> list[GenerationExample]:
         name = f"clutrr/{split}.json"
         require_files(self.data_dir, [name], ORIGIN)
-        rows = json.loads((self.data_dir / name).read_text(encoding="utf-8"))
-        return [clutrr_example(row, self.protocol) for row in rows]
+        path = self.data_dir / name
+        examples = [clutrr_example(row, self.protocol)
+                    for row in json.loads(path.read_text(encoding="utf-8"))]
+        for i, ex in enumerate(examples):  # a one-line JSON array: rows named file[i]
+            ex.meta.update(file=str(path), index=i)
+        return examples
 
     def parse(self, text: str) -> str:
         """official (``text`` is prompt + output): the text between the first and the second

@@ -26,7 +26,10 @@ model is loaded. Val may be empty.
 Every row is checked before anything is returned. Problems raise one ``DataError`` listing
 (up to 20) ``path:line: field 'name': what is wrong``; lines are 1-based file lines (in a
 CSV the header is line 1). No row is skipped silently. The validated rows are kept as a
-``datasets.DatasetDict`` in ``FileTask.dataset``.
+``datasets.DatasetDict`` in ``FileTask.dataset``. Repeated rows and val/test rows that share
+a training row's prompt are not errors here: ``tasks.hygiene.check_data`` (run by
+``lofit-lens run``) warns with their ``path:line``, or raises ``DataError`` with
+``strict_data``.
 """
 
 from __future__ import annotations

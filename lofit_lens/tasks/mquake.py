@@ -51,8 +51,13 @@ class MQuAKE(Task):
     def load_split(self, split: str) -> list[GenerationExample]:
         name = f"mquake/{split}.jsonl"
         require_files(self.data_dir, [name], ORIGIN)
-        lines = (self.data_dir / name).read_text(encoding="utf-8").splitlines()
-        return [mquake_example(json.loads(line), self.protocol) for line in lines if line.strip()]
+        path = self.data_dir / name
+        examples = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                examples.append(mquake_example(json.loads(line), self.protocol))
+                examples[-1].meta.update(file=str(path), line=number)
+        return examples
 
     def parse(self, text: str) -> str:
         """official (``text`` is prompt + output): after the last "A:", up to the first

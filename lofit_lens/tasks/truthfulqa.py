@@ -90,9 +90,23 @@ class TruthfulQA(Task):
     def load_split(self, split: str) -> list[ChoiceExample]:
         name = f"truthfulqa/fold_{self.fold}_{split}_seed_42.csv"
         require_files(self.data_dir, [name], ORIGIN)
-        with open(self.data_dir / name, newline="", encoding="utf-8") as f:
-            return [truthfulqa_example(row, keep_duplicates=self.protocol == "official")
-                    for row in csv.DictReader(f)]
+        path = self.data_dir / name
+        examples = []
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames  # reads the header (line 1)
+            while True:
+                line = reader.line_num + 1  # where the row starts (a cell may span lines)
+                row = next(reader, None)
+                if row is None:
+                    return examples
+                examples.append(truthfulqa_example(
+                    row, keep_duplicates=self.protocol == "official"))
+                examples[-1].meta.update(file=str(path), line=line)
+
+    def data_prompt(self, example: Example) -> str:
+        """The question: the evaluation prompt wraps it in a fixed instruction and primer."""
+        return example.meta.get("question", example.prompt)
 
     def training_examples(self, examples: Sequence[Example]) -> list[TrainingExample]:
         """The short-prompt DPO pair (or SFT target) of each question, from ``meta``."""
