@@ -14,8 +14,8 @@ from torch import Tensor
 
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig
-from lofit_lens.errors import ArtifactError, ResultExistsError
-from lofit_lens.export import export_intervention
+from lofit_lens.errors import ArtifactError, ModelMismatchError, ResultExistsError
+from lofit_lens.export import TrainedOn, export_intervention
 from lofit_lens.history import RunHistory, RunTimings
 from lofit_lens.intervention import HeadIntervention, top_heads
 from lofit_lens.store import folder_lock, load_artifact, read_json, save_artifact, write_text
@@ -102,31 +102,41 @@ class LoFiTResult:
         with module.attach(model):
             yield
 
-    def export(self, model_or_folder, out_dir: str | Path, source: str | Path | None = None) -> Path:
+    def export(self, model_or_folder, out_dir: str | Path, source: str | Path | None = None, *,
+               overwrite: bool = False, allow_other_model: bool = False) -> Path:
         """Write a plain HF model folder with v folded into the attention output biases
         (``lofit_lens.export``): it loads with ``AutoModelForCausalLM.from_pretrained``
         and needs no lofit-lens. ``model_or_folder``: the hooked model, a name or an HF folder
-        of the base model; ``source``: the run folder, named in the card."""
-        if not isinstance(model_or_folder, (str, Path)):
-            self.check_compatible(model_or_folder)
+        of the base model; ``source``: the run folder, named in the card (and never replaced).
+
+        ``out_dir`` must be new or empty (``ResultExistsError``) unless ``overwrite``, which
+        replaces the folder as a whole; it appears complete or not at all (an interrupted
+        export leaves only ``<out_dir>.<pid>.partial``). The base model must have this run's
+        head shape and, unless ``allow_other_model``, its weights (``model_fingerprint``;
+        by ``model_id`` for results saved before 0.2.0), else ``ModelMismatchError``."""
         card = {"source_run": None if source is None else str(source), "task": self.config.task,
                 "base_model": self.model_id, "seed": self.seed, "k": self.k,
                 "heads": [f"L{l}H{h}" for l, h in self.selected_heads],
                 "protocol": self.config.protocol, "metrics": self.metrics,
                 "versions": self.versions}
-        return export_intervention(self.intervention(), model_or_folder, out_dir, card)
+        trained_on = TrainedOn(self.model_id, self.model_fingerprint, self.model_dtype)
+        return export_intervention(self.intervention(), model_or_folder, out_dir, card,
+                                   overwrite=overwrite, trained_on=trained_on,
+                                   allow_other_model=allow_other_model,
+                                   keep={} if source is None else {source: "the run's folder"})
 
     def check_compatible(self, model, allow_other_model: bool = False) -> None:
-        """Raise ``ValueError`` unless ``model`` has this result's shape (and id)."""
+        """Raise ``ModelMismatchError`` (a ``ValueError``) unless ``model`` has this result's
+        shape (and id)."""
         dims = model_dims(model)
         if dims != self.dims:
-            raise ValueError(
+            raise ModelMismatchError(
                 f"This result was trained on {self.model_id} with {self.dims}; the given model "
                 f"({model_id(model)}) has {dims}. Load it onto a model of the same shape."
             )
         other = model_id(model)
         if other != self.model_id and not allow_other_model:
-            raise ValueError(
+            raise ModelMismatchError(
                 f"This result was trained on {self.model_id!r} but the model is {other!r}. "
                 "Pass allow_other_model=True if you mean to apply it there."
             )

@@ -61,11 +61,22 @@ def weights_sha256(module: nn.Module, dtype: Optional[torch.dtype] = None) -> st
 def model_fingerprint(model: nn.Module) -> str:
     """``weights_sha256`` of a hooked model's weights, computed once per model and again
     only after a weight was changed or replaced."""
-    module = _weights_module(model)
-    state = tuple((p.data_ptr(), p._version) for p in module.parameters())
     cached = getattr(model, "_lofit_fingerprint", None)
-    if cached is not None and cached[0] == state:
+    if cached is not None and cached[0] == _weights_state(model):
         return cached[1]
-    value = weights_sha256(module)
-    object.__setattr__(model, "_lofit_fingerprint", (state, value))
+    value = weights_sha256(_weights_module(model))
+    remember_fingerprint(model, value)
     return value
+
+
+def remember_fingerprint(model: nn.Module, value: str) -> nn.Module:
+    """Keep ``value`` as ``model``'s fingerprint while its weights stay as they are now; returns
+    ``model``. A TL
+    3.x ``HookedTransformer`` keeps that of the HF model it was converted from, so a run on
+    it is matched with the HF folder (``export``)."""
+    object.__setattr__(model, "_lofit_fingerprint", (_weights_state(model), value))
+    return model
+
+
+def _weights_state(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in _weights_module(model).parameters())

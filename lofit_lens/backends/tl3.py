@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from lofit_lens.backends.hf import default_device, finish, load_hf, resolve, tokenizer_adds_bos
+from lofit_lens.backends.fingerprint import remember_fingerprint, weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def load_hooked_transformer(
         logger.info("%s is not in TransformerLens 3.x's model list: converting from its HF config",
                     tl_name)
         model = _convert_with_hf_config(hooked_cls, hf_model, tokenizer, device, dtype, prepend_bos)
+    fingerprint = weights_sha256(hf_model)  # the HF weights' identity, as a bridge has it
     del hf_model
     model.cfg.default_prepend_bos = prepend_bos
-    return finish(model, name, tokenizer)
+    return remember_fingerprint(finish(model, name, tokenizer), fingerprint)
