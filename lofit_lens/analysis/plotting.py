@@ -18,6 +18,7 @@ from torch import Tensor
 
 from lofit_lens.analysis.granularity import layer_distribution, thirds_boundaries
 from lofit_lens.result import LoFiTResult
+from lofit_lens.store import write_bytes, write_text
 
 HEAD_VALUES = {
     "scores": "||A|| (step 1)",
@@ -170,8 +171,8 @@ def save_figure(fig: go.Figure, path_without_suffix: str | os.PathLike,
     written = []
     for fmt in ordered:
         path = base.with_name(f"{base.name}.{fmt}")
-        if fmt == "html":
-            fig.write_html(path, include_plotlyjs=True)
+        if fmt == "html":  # atomic (store.write_text): a full disk leaves no truncated page
+            write_text(path, fig.to_html(include_plotlyjs=True))
         else:
             if find_browser() is None:
                 raise RuntimeError(
@@ -180,6 +181,6 @@ def save_figure(fig: go.Figure, path_without_suffix: str | os.PathLike,
                     f"one with:  {BROWSER_INSTALL}  or set BROWSER_PATH to an existing "
                     f"Chrome/Chromium binary. Already written: {[str(p) for p in written]}"
                 )
-            fig.write_image(path, format=fmt, scale=scale)
+            write_bytes(path, fig.to_image(format=fmt, scale=scale))
         written.append(path)
     return written

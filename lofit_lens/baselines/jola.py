@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from lofit_lens.backends.hooked import ModelDims, attached_hooks, hook_z_name, model_dims
 from lofit_lens.config import LoFiTConfig
+from lofit_lens.errors import ModelMismatchError
 from lofit_lens.history import RunHistory, TrainingHistory
 from lofit_lens.intervention import Head, register_intervention, top_heads
 from lofit_lens.result import LoFiTResult
@@ -212,7 +213,9 @@ class JoLA(nn.Module):
         """Apply JoLA to ``model`` inside the ``with`` body (hooks removed after)."""
         dims = model_dims(model)
         if dims != self.dims:
-            raise ValueError(f"JoLA built for {self.dims}, model has {dims}")
+            raise ModelMismatchError(f"JoLA built for {self.dims}, model has {dims}: "
+                                     "apply it to a model of that shape (the one it "
+                                     "was trained on)")
         self.to(next(iter(model.parameters())).device)
         with attached_hooks(model, self.hooks()):
             yield self

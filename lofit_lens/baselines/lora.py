@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.backends.hooked import attached_hooks, model_device, uses_bridge
+from lofit_lens.errors import ModelMismatchError
 from lofit_lens.intervention import register_intervention
 from lofit_lens.tasks.base import Task
 from lofit_lens.history import TrainingHistory
@@ -131,7 +132,9 @@ class LoRA(nn.Module):
     def attach(self, model) -> Iterator["LoRA"]:
         """Apply LoRA to ``model`` inside the ``with`` body (hooks removed after)."""
         if lora_dims(model) != self.dims:
-            raise ValueError(f"LoRA built for {self.dims}, model has {lora_dims(model)}")
+            raise ModelMismatchError(f"LoRA built for {self.dims}, model has {lora_dims(model)}: "
+                                     "apply it to a model of that shape (the one it "
+                                     "was trained on)")
         self.to(model_device(model))  # the input device; each layer's slices go to its own
         input_hook = "ln1.hook_out" if uses_bridge(model) else "ln1.hook_normalized"
         with attached_hooks(model, self.hooks(input_hook)):

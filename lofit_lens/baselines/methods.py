@@ -10,7 +10,7 @@ of ``lofit_lens.baselines.selectors`` (LoFiT's own included) is a method: its he
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 from lofit_lens.backends.hooked import hf_tokenizer
 from lofit_lens.baselines.base import BaselineOptions, MethodRun, RunContext
@@ -20,6 +20,7 @@ from lofit_lens.baselines.lora import train_lora
 from lofit_lens.baselines.reft import residual_dims, train_reft
 from lofit_lens.baselines.repe import num_layers, reading_info, repe_reading, repe_shift
 from lofit_lens.baselines.selectors import SELECTORS, Selector
+from lofit_lens.errors import ConfigError
 
 __all__ = ["METHODS", "SEED_INDEPENDENT", "BaselineOptions", "MethodRun", "RunContext", "get_method"]
 
@@ -120,5 +121,21 @@ def get_method(name: str) -> Callable[[RunContext], MethodRun]:
         return METHODS[name]
     if name in SELECTORS:
         return tuned_on(SELECTORS[name])
-    known = list(METHODS) + [s for s in SELECTORS if s not in METHODS]
-    raise ValueError(f"Unknown method {name!r}; known methods: {', '.join(known)}")
+    raise ConfigError(f"Unknown method {name!r}; known methods: {', '.join(known_methods())}")
+
+
+def known_methods() -> list[str]:
+    """The names ``get_method`` takes: ``METHODS``, then selectors registered since."""
+    return list(METHODS) + [s for s in SELECTORS if s not in METHODS]
+
+
+def check_methods(names: Sequence[str]) -> None:
+    """``ConfigError`` naming every unknown method in ``names`` and listing the known ones
+    (the CLI calls it before a model loads)."""
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in METHODS and n not in SELECTORS]
+    if unknown:
+        raise ConfigError(f"Unknown method{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(map(repr, unknown))}; known methods: "
+                          f"{', '.join(known_methods())}")

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from lofit_lens.backends.hooked import attached_hooks, model_device, uses_bridge
 from lofit_lens.baselines.jola import DelegatingObjective
 from lofit_lens.config import LoFiTConfig
+from lofit_lens.errors import ModelMismatchError
 from lofit_lens.eval.positions import current_answer_index
 from lofit_lens.history import TrainingHistory
 from lofit_lens.intervention import register_intervention
@@ -210,7 +211,9 @@ class LoReFT(nn.Module):
     def attach(self, model) -> Iterator["LoReFT"]:
         """Apply LoReFT to ``model`` inside the ``with`` body (hooks removed after)."""
         if residual_dims(model) != self.dims:
-            raise ValueError(f"ReFT built for {self.dims}, model has {residual_dims(model)}")
+            raise ModelMismatchError(f"ReFT built for {self.dims}, model has {residual_dims(model)}: "
+                                     "apply it to a model of that shape (the one it "
+                                     "was trained on)")
         self.to(model_device(model))
         top = model.original_model if uses_bridge(model) else model
 

@@ -41,6 +41,7 @@ from lofit_lens.backends.hooked import attached_hooks, model_device
 from lofit_lens.baselines.iti import Statements, VAL_FRACTION, statements
 from lofit_lens.baselines.reft import ResidualDims, residual_dims, resid_post_name
 from lofit_lens.baselines.activations import last_token_activations
+from lofit_lens.errors import ModelMismatchError
 from lofit_lens.intervention import register_intervention
 from lofit_lens.tasks.base import Example, Task
 
@@ -187,7 +188,9 @@ class ResidualShift(nn.Module):
     @contextlib.contextmanager
     def attach(self, model) -> Iterator["ResidualShift"]:
         if residual_dims(model) != self.dims:
-            raise ValueError(f"Shift built for {self.dims}, model has {residual_dims(model)}")
+            raise ModelMismatchError(f"Shift built for {self.dims}, model has {residual_dims(model)}: "
+                                     "apply it to a model of that shape (the one it "
+                                     "was trained on)")
         self.to(model_device(model))
         with attached_hooks(model, self.hooks()):
             yield self
