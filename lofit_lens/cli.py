@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import sys
+import warnings
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -16,7 +17,7 @@ from lofit_lens.config import (
     LoFiTConfig, add_config_arguments, config_flag_names, config_overrides, parse_k,
 )
 from lofit_lens.errors import (
-    BrokenEnvironmentError, ConfigError, LoFiTLensError, OutputNotWritableError,
+    BrokenEnvironmentError, ConfigError, DataWarning, LoFiTLensError, OutputNotWritableError,
     TrainingDivergedError,
 )
 
@@ -104,7 +105,11 @@ def _checked_task(args, cfg: LoFiTConfig):
 
     task = get_task(args.task, protocol=cfg.protocol, **cfg.extra)
     task.examples("train")
-    check_data(task, strict=cfg.strict_data)
+    with warnings.catch_warnings(record=True) as caught:  # said once, as a CLI line
+        warnings.simplefilter("always", DataWarning)
+        check_data(task, strict=cfg.strict_data)
+    for warning in caught:
+        print(f"lofit-lens: warning: {warning.message}", file=sys.stderr)
     return task
 
 

@@ -169,16 +169,17 @@ def test_strict_data_flag_stops_the_run_before_the_model_loads(leaky, tmp_path, 
     assert not run_config(parse(["run", "--task", "t.jsonl"])).strict_data
 
 
-def test_run_writes_the_counts_into_metrics(leaky, tmp_path, tiny_model, monkeypatch):
+def test_run_writes_the_counts_into_metrics(leaky, tmp_path, tiny_model, monkeypatch, capsys):
     from lofit_lens.cli import main
 
     monkeypatch.setattr("lofit_lens.cli._checked_model", lambda args: tiny_model)  # no doctor
     out = tmp_path / "run"
-    with pytest.warns(DataWarning, match="leaky.jsonl:7"):
-        rc = main(["run", "--task", str(leaky), "--k", "2", "--epochs", "1",
-                   "--max-train-examples", "2", "--max-val-examples", "0",
-                   "--max-eval-examples", "1", "--out", str(out), "--quiet"])
+    rc = main(["run", "--task", str(leaky), "--k", "2", "--epochs", "1",
+               "--max-train-examples", "2", "--max-val-examples", "0",
+               "--max-eval-examples", "1", "--out", str(out), "--quiet"])
     assert rc == 0
+    err = capsys.readouterr().err
+    assert err.count("lofit-lens: warning:") == 1 and "leaky.jsonl:7" in err  # said once
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data_checks"] == {
         "duplicates": 1, "train_val_overlap": 0, "train_test_overlap": 1}
@@ -190,3 +191,4 @@ def test_lofit_api_honours_strict_data(leaky, tiny_model):
 
     with pytest.raises(DataError, match="leaky.jsonl:7"):
         ll.lofit(tiny_model, str(leaky), k=2, epochs=1, strict_data=True, progress=False)
+
