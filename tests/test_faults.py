@@ -465,13 +465,16 @@ def test_cli_reports_a_too_small_file_before_loading_the_model(tmp_path, monkeyp
 # ====================================================================== saved results (store)
 from test_store import make_result  # noqa: E402  (the same tiny LoFiTResult as the store tests)
 
+def flip_bit(path: Path, index: int, mask: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[index] ^= mask
+    path.write_bytes(bytes(raw))
+
+
 def test_damaged_tensors_fail_the_checksum(tmp_path):
     """Issue row: flipped bytes loaded silently (5e3 where 2e-2 was saved)."""
     make_result().save(tmp_path)
-    path = tmp_path / "tensors.safetensors"
-    raw = bytearray(path.read_bytes())
-    raw[-5] ^= 0x40
-    path.write_bytes(bytes(raw))
+    flip_bit(tmp_path / "tensors.safetensors", -5, 0x40)
     with pytest.raises(ArtifactError, match="SHA-256"):
         LoFiTResult.load(tmp_path)
 
@@ -526,10 +529,7 @@ def test_an_edited_card_fails_its_checksum(tmp_path):
 def test_a_flipped_high_bit_in_a_card_is_named(tmp_path):
     """Issue 21 row: a raw UnicodeDecodeError that named no file."""
     make_result().save(tmp_path)
-    card_path = tmp_path / "result.json"
-    raw = bytearray(card_path.read_bytes())
-    raw[40] |= 0x80
-    card_path.write_bytes(bytes(raw))
+    flip_bit(tmp_path / "result.json", 40, 0x80)  # an ASCII byte becomes invalid UTF-8
     with pytest.raises(ArtifactError, match="result.json"):
         LoFiTResult.load(tmp_path)
 
