@@ -177,16 +177,6 @@ class HeadIntervention(nn.Module):
     def bias_norms(self) -> Float[Tensor, "layer head"]:
         return self.bias.detach().norm(dim=-1)
 
-    def print_trainable_parameters(self, model=None) -> str:
-        n = self.num_trainable_parameters()
-        line = f"trainable params: {n:,} ({int(self.head_mask.sum())} heads x {self.dims.d_head}"
-        line += f" x {len(self.trainable())} tensor(s))"
-        if model is not None:
-            total = sum(p.numel() for p in model.parameters())
-            line += f" || model params: {total:,} || trainable%: {100 * n / total:.6f}"
-        print(line)
-        return line
-
     # ------------------------------------------------------------------ applying
     def edit(self, z: Float[Tensor, "batch pos head d_head"], layer: int) -> Float[Tensor, "batch pos head d_head"]:
         """The edited head outputs of ``layer`` (vectorised over heads and positions)."""
