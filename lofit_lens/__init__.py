@@ -43,7 +43,7 @@ from lofit_lens.analysis.transfer import transfer_matrix  # noqa: E402
 from lofit_lens.analysis.claims import ClaimsReport, replicate_claims  # noqa: E402
 from lofit_lens.analysis.claim_figures import ClaimFigures, claim_figures  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BrokenEnvironmentError", "DoctorReport", "EMBEDDED_MODELS", "HeadIntervention", "LoFiTLensError", "LoFiTConfig", "LoFiTResult", "bias_logit_lens",

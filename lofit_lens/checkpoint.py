@@ -4,7 +4,6 @@ Each phase is one store artifact (``lofit_lens.store``) named by the phase and a
 settings that phase depends on: a rerun with other settings never picks up stale work, and
 one that changes only a later phase (say ``lr_bias``) reuses the earlier ones.
 A phase's value is a dict whose tensors go to safetensors and the rest to the JSON card.
-Phases saved by 0.1.0 (``<phase>-<key>.pt``) are still read.
 
 Every phase logs its start and its end with the seconds it took (``logging``, logger
 ``lofit_lens.checkpoint``), progress bars or not.
@@ -18,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 from torch import Tensor
 
 from lofit_lens.store import (
@@ -49,11 +47,10 @@ class PhaseCheckpoint:
 
     def load(self, stem: str) -> Optional[Phase]:
         """The saved value under ``stem`` (``<phase>-<key>``), or ``None``."""
-        if artifact_exists(self.directory, name=stem):
-            tensors, card = load_artifact(self.directory, kind="phase", name=stem)
-            return {**card["value"], **tensors}
-        legacy = self.directory / f"{stem}.pt"
-        return torch.load(legacy, weights_only=True) if legacy.is_file() else None
+        if not artifact_exists(self.directory, name=stem):
+            return None
+        tensors, card = load_artifact(self.directory, kind="phase", name=stem)
+        return {**card["value"], **tensors}
 
     def run(self, phase: str, settings: dict[str, Any], compute: Callable[[], Phase]) -> Phase:
         """``compute()``'s value for ``phase``: loaded if a run with these ``settings`` saved

@@ -18,6 +18,7 @@ from lofit_lens.errors import ArtifactError, ModelMismatchError, ResultExistsErr
 from lofit_lens.export import TrainedOn, export_intervention
 from lofit_lens.history import RunHistory, RunTimings
 from lofit_lens.intervention import HeadIntervention, top_heads
+from lofit_lens.migrations import result_config
 from lofit_lens.store import folder_lock, load_artifact, read_json, save_artifact, write_text
 from lofit_lens.versions import library_versions
 
@@ -205,11 +206,8 @@ class LoFiTResult:
                 except json.JSONDecodeError as err:
                     raise ArtifactError(f"{src / PREDICTIONS_NAME}:{number}: not JSON ({err})") from err
                 predictions.setdefault(row.pop("split"), []).append(row)
-        config = dict(card["config"])
-        if card.get("format_version", 1) == 1:
-            config.setdefault("protocol", "clean")  # 0.1.0 ran what is now protocol="clean"
         try:
-            cfg = LoFiTConfig.from_dict(config)
+            cfg = LoFiTConfig.from_dict(result_config(card))
         except (TypeError, ValueError) as err:
             raise ArtifactError(f"{src / CARD_NAME}: its config does not load ({err})") from err
         result = cls(
@@ -259,10 +257,8 @@ def check_destination(directory: str | Path, identity: dict[str, Any], overwrite
         return
     try:
         old = read_json(out / CARD_NAME)
-        old_config = dict(old.get("config", {}))
-        if old.get("format_version", 1) == 1:
-            old_config.setdefault("protocol", "clean")
-        old_identity = run_identity(old.get("model_id", ""), LoFiTConfig.from_dict(old_config),
+        old_identity = run_identity(old.get("model_id", ""),
+                                    LoFiTConfig.from_dict(result_config(old)),
                                     old.get("data_hash", "") if "data_hash" in identity else "")
         same = old_identity == identity
     except (ArtifactError, TypeError, ValueError, AttributeError):

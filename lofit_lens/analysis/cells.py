@@ -1,8 +1,9 @@
 """On-disk cache for analyses: head selections and evaluated bias-tuning cells.
 
 Every entry is a store artifact (``lofit_lens.store``) keyed by a hash of the settings that
-determine it (``lofit_lens.run_settings``: model id, shape and dtype; the task and a hash of
-its training / evaluation data; the step's hyperparameters and seed), so a cache written
+determine it (``lofit_lens.run_settings``: model id, shape, dtype and weights' hash; the
+versions; the task and a hash of its training / evaluation data; the step's hyperparameters
+and seed), so a cache written
 with other settings is never reused, and an interrupted analysis resumes where it stopped.
 
 Layout under ``cache_dir``::
@@ -10,8 +11,6 @@ Layout under ``cache_dir``::
     <model>/<task>/s<seed>/select-<key>/selection.{json,safetensors}
     <model>/cells/<task>/bias-<key>.{json,safetensors}  (v tuned on given heads, then evaluated)
     <model>/cells/<task>/zero_shot-<key>.{json,safetensors}  (the untouched model evaluated)
-
-Cells written by lofit-lens 0.1.0 (one JSON file, v as lists) are still read.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from lofit_lens.run_settings import (
     STEP1_FIELDS, STEP2_FIELDS, eval_examples, eval_settings, step_settings,
 )
 from lofit_lens.store import (
-    artifact_exists, load_artifact, load_card, save_artifact, settings_key, slug,
+    artifact_exists, load_artifact, save_artifact, settings_key, slug,
 )
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import (
@@ -56,9 +55,6 @@ def cached_record(folder: Path, name: str, settings: Mapping[str, Any],
     stem = f"{slug(name)}-{key}"
     folder = Path(folder)
     if artifact_exists(folder, name=stem):
-        card = load_card(folder / f"{stem}.json", kind="cell")
-        if "tensors_file" not in card:  # 0.1.0: one JSON file, tensors as lists
-            return {**card, "cached": True, "path": str(folder / f"{stem}.json")}
         tensors, card = load_artifact(folder, kind="cell", name=stem)
         return {**card, **{k: v.tolist() for k, v in tensors.items()}, "cached": True,
                 "path": str(folder / f"{stem}.json")}

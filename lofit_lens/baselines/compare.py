@@ -160,8 +160,7 @@ def _saved_cell(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> O
         logger.warning("%s.json was computed with other settings (%s changed): computing it "
                        "again", folder / stem, ", ".join(changed))
         return None
-    if "tensors_file" in cell:  # verify the card and its tensors (0.1.0 wrote JSON only)
-        load_artifact(folder, kind=RUN_KIND, name=stem)
+    load_artifact(folder, kind=RUN_KIND, name=stem)  # the tensors and companions checked too
     return cell
 
 
