@@ -58,16 +58,29 @@ def _whole_number(name: str, value: Any) -> int:
     raise ConfigError(f"{name}={value!r}: must be a whole number")
 
 
+STEPS = ("select", "tune")
+"""The training steps: head selection (step 1) and bias tuning (step 2)."""
+BOTH = STEPS
+
+
 def _setting(default: Any = dataclasses.MISSING, help: str = "", *, minimum: Any = None,
              above: Any = None, none: str = "", cli: bool = True, zero_is_none: bool = False,
-             default_factory: Any = dataclasses.MISSING):
+             steps: tuple[str, ...] = (), default_factory: Any = dataclasses.MISSING):
     """A field with its help text and its valid range in the metadata (read by ``validate``
     and ``add_config_arguments``). ``minimum``: smallest valid value; ``above``: values must
     exceed it; ``none``: what ``None`` means (when the field is optional); ``cli=False``: no
-    command-line flag; ``zero_is_none``: on the command line 0 means ``None`` (all)."""
+    command-line flag; ``zero_is_none``: on the command line 0 means ``None`` (all);
+    ``steps``: the training steps whose result the field changes (their cache keys hold it)."""
     metadata = {"help": help, "minimum": minimum, "above": above, "none": none, "cli": cli,
-                "zero_is_none": zero_is_none}
+                "zero_is_none": zero_is_none, "steps": steps}
     return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def step_fields(step: str) -> tuple[str, ...]:
+    """The ``LoFiTConfig`` fields that change what ``step`` ("select" or "tune") learns."""
+    if step not in STEPS:
+        raise ConfigError(f"step={step!r}: one of {STEPS}")
+    return tuple(f.name for f in dataclasses.fields(LoFiTConfig) if step in f.metadata["steps"])
 
 
 NON_RESULT_FIELDS = ("eval_batch_size", "eval_batch_tokens", "prefix_cache_mb", "strict_data")
@@ -84,27 +97,31 @@ class LoFiTConfig:
     task: str = _setting("clutrr", "task name or task file", cli=False)
     protocol: ProtocolName = _setting(
         "official", "official: the authors' code, point by point; clean: their quirks removed "
-                    "(docs/protocol.md)")
+                    "(docs/protocol.md)", steps=BOTH)
     k: Union[int, float] = _setting(
         0.1, "heads to keep: a count (int >= 1) or a fraction of all heads (0 < float < 1)")
-    seed: int = _setting(0, "random seed (initialisation, data order, data sample)", minimum=0)
+    seed: int = _setting(0, "random seed (initialisation, data order, data sample)", minimum=0,
+                         steps=BOTH)
     l1_lambda: Optional[float] = _setting(None, "step-1 L1 penalty on the scales A",
-                                          minimum=0, none="the task's")
+                                          minimum=0, none="the task's", steps=("select",))
     lr_select: Optional[float] = _setting(None, "step-1 (head selection) learning rate",
-                                          above=0, none="the task's")
+                                          above=0, none="the task's", steps=("select",))
     lr_bias: Optional[float] = _setting(None, "step-2 (offsets v) learning rate", above=0,
-                                        none="the task's")
-    epochs_select: int = _setting(2, "epochs of step 1 (head selection)", minimum=1)
-    epochs_bias: int = _setting(3, "epochs of step 2 (offsets v)", minimum=1)
-    batch_size: int = _setting(8, "training batch size", minimum=1)
-    init_std: float = _setting(1e-3, "standard deviation of the initial A and v", minimum=0)
-    weight_decay: float = _setting(0.0, "AdamW weight decay", minimum=0)
-    adam_eps: float = _setting(1e-8, "AdamW epsilon", above=0)
-    dpo_beta: float = _setting(0.5, "DPO beta (preference tasks such as TruthfulQA)", above=0)
+                                        none="the task's", steps=("tune",))
+    epochs_select: int = _setting(2, "epochs of step 1 (head selection)", minimum=1,
+                                  steps=("select",))
+    epochs_bias: int = _setting(3, "epochs of step 2 (offsets v)", minimum=1, steps=("tune",))
+    batch_size: int = _setting(8, "training batch size", minimum=1, steps=BOTH)
+    init_std: float = _setting(1e-3, "standard deviation of the initial A and v", minimum=0,
+                               steps=BOTH)
+    weight_decay: float = _setting(0.0, "AdamW weight decay", minimum=0, steps=BOTH)
+    adam_eps: float = _setting(1e-8, "AdamW epsilon", above=0, steps=BOTH)
+    dpo_beta: float = _setting(0.5, "DPO beta (preference tasks such as TruthfulQA)", above=0,
+                               steps=BOTH)
     max_grad_norm: Optional[float] = _setting(
         None, "gradient clipping by total norm; 0 turns it off", minimum=0,
         none="the protocol's: official 1.0 (HF Trainer's default in the authors' code), "
-             "clean none")
+             "clean none", steps=BOTH)
     max_train_examples: Optional[int] = _setting(
         None, "training examples used, at most", minimum=1, none="all", zero_is_none=True)
     max_val_examples: Optional[int] = _setting(

@@ -13,15 +13,14 @@ from typing import Any, Sequence
 
 from lofit_lens.backends.fingerprint import model_fingerprint
 from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.config import LoFiTConfig
+from lofit_lens.config import LoFiTConfig, step_fields
 from lofit_lens.tasks.base import Task, hash_examples
 from lofit_lens.training import RunData, training_data
 from lofit_lens.versions import library_versions
 
-STEP1_FIELDS = ("seed", "l1_lambda", "lr_select", "epochs_select", "batch_size", "init_std",
-                "weight_decay", "adam_eps", "dpo_beta", "protocol", "max_grad_norm")
-STEP2_FIELDS = ("seed", "lr_bias", "epochs_bias", "batch_size", "init_std", "weight_decay",
-                "adam_eps", "dpo_beta", "protocol", "max_grad_norm")
+STEP1_FIELDS = step_fields("select")
+STEP2_FIELDS = step_fields("tune")
+"""The config fields of each training step's key: marked on the fields (``steps=``)."""
 EVAL_SPLIT = "test"
 NUMERIC_VERSIONS = ("lofit-lens", "torch", "transformers", "transformer-lens")
 """The packages whose version can change a computed number."""

@@ -264,3 +264,28 @@ def test_notebooks_use_the_registry():
         if "LOFIT_NOTEBOOK_BUDGET" in code:
             assert "budget_settings(BUDGET" in code, path.name
             assert "epochs=(" not in code, path.name  # no budget of its own
+
+
+# Fields outside both steps' keys, and where the key covers them instead.
+COVERED_ELSEWHERE = {
+    "task": "the task's settings (run_settings.task_settings)",
+    "extra": "the task's settings (a fold, a match mode)",
+    "k": "the heads themselves, in step 2's key",
+    "max_train_examples": "the training rows' hash",
+    "max_val_examples": "the validation rows' hash",
+    "max_eval_examples": "the evaluated rows' hash",
+    "eval_splits": "the evaluated rows' hash, per split",
+}
+
+
+def test_every_config_field_is_in_a_key_or_changes_no_result():
+    """A new LoFiTConfig field must say which step it changes (``steps=``), be covered by
+    another part of the key, or change no result (``NON_RESULT_FIELDS``): a field in none of
+    these would let a cache hand back a result computed with another value."""
+    from lofit_lens.config import NON_RESULT_FIELDS, step_fields
+
+    in_steps = set(step_fields("select")) | set(step_fields("tune"))
+    for f in dataclasses.fields(LoFiTConfig):
+        places = [f.name in in_steps, f.name in COVERED_ELSEWHERE, f.name in NON_RESULT_FIELDS]
+        assert sum(places) == 1, f"{f.name}: in a step's key, covered elsewhere, or no result"
+    assert "lr_select" in step_fields("select") and "lr_select" not in step_fields("tune")
