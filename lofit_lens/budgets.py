@@ -27,7 +27,7 @@ settings (keywords, command-line flags) override a budget's.
   meta-llama/Llama-2-7b-hf``). ``Budget.paper_hyperparams`` marks it; the rates depend on
   the task and K, and ``budget_settings`` applies them (for the paper's three tasks).
 * ``smoke``: a seconds-scale run (8 training / 8 test examples) that checks the wiring.
-* ``claims-quick`` / ``claims-paper`` (``analysis.claims``, docs/claims.md): the claims as
+* ``claims-quick`` / ``claims-paper`` (``analysis.run_claims``, docs/claims.md): the claims as
   tested hypotheses. ``max_eval_examples`` is there the size of each seed's own random test
   subset (the seeds' subsets are disjoint); ``None`` cuts the whole test split into one
   subset per seed. ``claims-quick`` (2-core CPU) takes K = 10% (K = 3% is 2 heads of Gemma 3
@@ -123,7 +123,7 @@ BUDGETS: dict[str, Budget] = {
                        lr_bias=5e-2, max_val_examples=0, max_eval_examples=80),
         task_overrides={"truthfulqa": {"max_eval_examples": 24}},
         fractions=(0.1,), sizes=(40,),
-        description="analysis.claims on a 2-core CPU (docs/claims.md): K=10%, <=40 training "
+        description="analysis.run_claims on a 2-core CPU (docs/claims.md): K=10%, <=40 training "
                     "examples, epochs 1+2 (lr 5e-2), no validation; max_eval_examples is the "
                     "size of each seed's disjoint random test subset (80; 24 TruthfulQA "
                     "questions)"),
@@ -131,7 +131,7 @@ BUDGETS: dict[str, Budget] = {
         overrides=dict(k=0.03, epochs_select=5, epochs_bias=5, max_train_examples=None,
                        max_eval_examples=None),
         paper_hyperparams=True, fractions=(0.03,),
-        description="analysis.claims for a GPU: the paper's K=3%, 5+5 epochs, all training "
+        description="analysis.run_claims for a GPU: the paper's K=3%, 5+5 epochs, all training "
                     "data, Table 6 hyperparameters; the whole test split, cut into one "
                     "disjoint random subset per seed"),
 }

@@ -271,6 +271,15 @@ def test_graph_covers_the_tree(edges, package_edges):
     assert any(layer(e.module) == "figures" for e in edges), "analysis/*.py not read"
 
 
+def test_no_module_name_in_both_analysis_trees():
+    """analysis/ (the scripts) and lofit_lens/analysis/ (the library) share no module name,
+    so a reader never wonders which ``claims`` a traceback means."""
+    root = Path(__file__).resolve().parents[1]
+    scripts = {p.stem for p in (root / "analysis").glob("*.py")} - {"__init__"}
+    library = {p.stem for p in (root / "lofit_lens" / "analysis").glob("*.py")} - {"__init__"}
+    assert not scripts & library, f"in both trees: {sorted(scripts & library)}"
+
+
 def test_no_import_cycles(edges):
     cycle = find_cycle(adjacency(edges))
     if cycle:

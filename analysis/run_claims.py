@@ -1,6 +1,6 @@
 """The paper's claims as tested hypotheses, per model: docs/claims.md's tables.
 
-    python -m analysis.claims --models smollm2-135m gemma3-270m --budget claims-quick \\
+    python -m analysis.run_claims --models smollm2-135m gemma3-270m --budget claims-quick \\
         --out analysis_out/claims
 
 For each model (``lofit_lens.analysis.claims.replicate_claims``): LoFiT's head selection on

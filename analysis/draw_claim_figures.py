@@ -1,9 +1,9 @@
 """Fig. 2, 4 and 5 with 95% confidence intervals, from the cells of the claims.
 
-    python -m analysis.claim_figures --models smollm2-135m gemma3-270m \\
+    python -m analysis.draw_claim_figures --models smollm2-135m gemma3-270m \\
         --out analysis_out/claim_figures
 
-The design of ``python -m analysis.claims`` (``lofit_lens.analysis.claim_figures``). With the
+The design of ``python -m analysis.run_claims`` (``lofit_lens.analysis.claim_figures``). With the
 same ``--cache``, ``--budget``, ``--seeds``, ``--k``, ``--n-test``, ``--protocol``,
 ``--truthfulqa-fold``, ``--data-dir`` and budget flags (``--max-train-examples``,
 ``--max-eval-examples``, ``--epochs``), its cells are read back and only the points the
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from analysis.claims import add_design_arguments, design_options
+from analysis.run_claims import add_design_arguments, design_options
 from analysis.common import RunLog, TASKS, load, parser, write_figure
 from lofit_lens.analysis.claim_figures import FRACTIONS, SIZES, ClaimFigures, claim_figures
 from lofit_lens.analysis.claims import DEFAULT_SELECTION_TASKS
