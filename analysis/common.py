@@ -72,9 +72,11 @@ class SettingsParser(argparse.ArgumentParser):
 
 
 def parser(module: str, description: str, k: Optional[float],
-           seed: bool = True) -> argparse.ArgumentParser:
+           seed: bool = True, out: Optional[str] = None) -> argparse.ArgumentParser:
     """The common options; ``k``: this figure's paper K (None: the module has no ``--k``);
-    ``seed=False`` for a module with its own seed option (``--seeds``)."""
+    ``seed=False`` for a module with its own seed option (``--seeds``); ``out``: the default
+    output folder's name under analysis_out/ (default: the module's)."""
+    out = out or module
     p = SettingsParser(prog=f"python -m analysis.{module}", description=description,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS),
@@ -82,8 +84,8 @@ def parser(module: str, description: str, k: Optional[float],
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help="lofit_lens.budgets (default quick): " + budget_help())
-    p.add_argument("--out", type=Path, default=Path("analysis_out") / module,
-                   help=f"figures and tables (default analysis_out/{module})")
+    p.add_argument("--out", type=Path, default=Path("analysis_out") / out,
+                   help=f"figures and tables (default analysis_out/{out})")
     p.add_argument("--cache", type=Path, default=Path("analysis_out") / "cache",
                    help="cache of head selections and cells, shared by the modules "
                         "(default analysis_out/cache)")

@@ -40,11 +40,11 @@ from lofit_lens.analysis.claim_figures import FRACTIONS, SIZES, ClaimFigures, cl
 from lofit_lens.analysis.claims import DEFAULT_SELECTION_TASKS
 from lofit_lens.store import slug
 
-MODULE = "claim_figures"
+MODULE = "draw_claim_figures"
 
 
 def build_parser():
-    p = add_design_arguments(parser(MODULE, __doc__, k=None, seed=False))
+    p = add_design_arguments(parser(MODULE, __doc__, k=None, seed=False, out="claim_figures"))
     p.add_argument("--sources", nargs="+", default=list(DEFAULT_SELECTION_TASKS), choices=TASKS,
                    help="tasks whose heads Fig. 2 transfers (--tasks always; default all three)")
     p.add_argument("--fractions", type=float, nargs="*", default=list(FRACTIONS),

@@ -51,7 +51,7 @@ from lofit_lens.baselines.jola import spearman, train_jola
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.intervention import top_heads
 from lofit_lens.result import LoFiTResult
-from lofit_lens.run_settings import STEP1_FIELDS, STEP2_FIELDS, step_settings
+from lofit_lens.run_settings import STEP2_FIELDS, step_settings
 from lofit_lens.store import slug
 from lofit_lens.tasks.base import Task
 from lofit_lens.tasks.truthfulqa import TruthfulQA

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from analysis.common import RunLog, TASKS, load, parser
@@ -38,7 +37,7 @@ from lofit_lens.analysis.claims import (
 from lofit_lens.config import config_overrides
 from lofit_lens.store import slug
 
-MODULE = "claims"
+MODULE = "run_claims"
 BUDGET_FLAGS = ("max_train_examples", "max_eval_examples", "epochs")
 
 
@@ -78,8 +77,7 @@ def design_options(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = add_design_arguments(parser(MODULE, __doc__, k=None, seed=False))
-    p.set_defaults(out=Path("analysis_out") / MODULE)
+    p = add_design_arguments(parser(MODULE, __doc__, k=None, seed=False, out="claims"))
     p.add_argument("--selection-only", action="store_true",
                    help="head selections only (claims 3 and 4): no task is evaluated")
     p.add_argument("--selection-tasks", nargs="+", default=list(DEFAULT_SELECTION_TASKS),

@@ -157,7 +157,7 @@ def _checked_setup(args) -> None:
 def _check_out(out: Optional[Path]) -> None:
     """``OutputNotWritableError`` now, before the model loads, when ``out`` cannot be
     written (read-only) or its disk lacks ``OUT_BYTES``."""
-    from lofit_lens.store import check_writable
+    from lofit_lens.disk import check_writable
 
     if out is not None:
         check_writable(out, OUT_BYTES, "choose another --out folder, or free space on its disk")

@@ -44,7 +44,7 @@ from lofit_lens.backends.hf import EMBEDDED_MODELS, cache_dir, load_hf
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.errors import ModelMismatchError, ResultExistsError, UnsupportedModelError
 from lofit_lens.intervention import HeadIntervention
-from lofit_lens.store import check_writable, discard, write_error
+from lofit_lens.disk import check_writable, discard, write_error
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lofit_lens.disk import (  # noqa: F401  (re-exported: the store's write helpers)
-    check_writable, discard, write_error,
-)
+from lofit_lens.disk import discard, write_error
 from lofit_lens.errors import ArtifactError, OutputLockedError
 from lofit_lens.versions import library_versions
 

@@ -17,7 +17,6 @@ from lofit_lens.analysis.claim_figures import ClaimFigures, claim_figures
 from lofit_lens.analysis.claims import (
     COLUMNS, band_test, band_width, finish_family, overlap_test, replicate_claims, seed_subsets,
 )
-from lofit_lens.tasks.file_task import FileTask
 from lofit_lens.training import resolve_run
 
 torch.set_num_threads(1)
