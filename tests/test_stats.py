@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import binomtest, hypergeom, norm
 
 from lofit_lens.analysis import stats
-from lofit_lens.analysis.transfer import paired_bootstrap_p
+from lofit_lens.analysis.stats import paired_bootstrap_p
 
 
 def pairs(n11: int, n10: int, n01: int, n00: int) -> tuple[np.ndarray, np.ndarray]:

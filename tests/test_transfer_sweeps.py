@@ -22,12 +22,8 @@ from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.store import settings_key
 from lofit_lens.analysis.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
 from lofit_lens.training import TrainingSet
-from lofit_lens.analysis.transfer import (
-    compare_to_same_task,
-    paired_bootstrap_p,
-    significance_mark,
-    transfer_matrix,
-)
+from lofit_lens.analysis.stats import paired_bootstrap_p
+from lofit_lens.analysis.transfer import compare_to_same_task, significance_mark, transfer_matrix
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ MC2); ``effect`` is always ``mean(a) - mean(b)``, so a positive effect favours `
 * Tests: ``mcnemar_exact`` (exact McNemar: ``scipy.stats.binomtest`` on the discordant pairs),
   ``paired_sign_test`` and ``paired_permutation_test`` (continuous per-example scores),
   ``paired_bootstrap`` (the paper's Fig. 2 test, kept for comparability: it is
-  ``lofit_lens.analysis.transfer.paired_bootstrap_p`` with its arguments in claim order).
+  ``paired_bootstrap_p`` (the transfer matrix's marks) with its arguments in claim order).
 * ``holm``: Holm's step-down adjusted p-values across the cells of a matrix (one family).
 * ``jaccard_stability``: mean pairwise Jaccard of head sets (seeds of one task) beside its
   expectation for random head sets of the same sizes (``lofit_lens.analysis.overlap``'s
@@ -186,13 +186,23 @@ def paired_permutation_test(a: Scores, b: Scores, alternative: Alternative = "gr
                                     "mean_b": float(b.mean())})
 
 
+def paired_bootstrap_p(cell: Float[np.ndarray, " n"], reference: Float[np.ndarray, " n"],
+                       n_bootstrap: int = 1000, seed: int = 0) -> float:
+    """One-sided paired bootstrap: resample example indices; p = share of resamples whose
+    cell mean is >= the reference mean (small p: the cell is reliably worse)."""
+    cell, reference = np.asarray(cell, dtype=float), np.asarray(reference, dtype=float)
+    if cell.shape != reference.shape or cell.ndim != 1 or len(cell) == 0:
+        raise ValueError(f"Paired bootstrap needs two equal 1-d vectors, got {cell.shape} "
+                         f"and {reference.shape}")
+    idx = np.random.default_rng(seed).integers(0, len(cell), size=(n_bootstrap, len(cell)))
+    return float(((cell[idx] - reference[idx]).mean(axis=1) >= 0).mean())
+
+
 def paired_bootstrap(a: Scores, b: Scores, n_bootstrap: int = 1000, seed: int = 0) -> float:
     """The paper's test (Fig. 2), kept for comparability: a one-sided paired bootstrap over
     examples; p = share of resamples in which ``a`` does not beat ``b``
-    (``mean(a - b) <= 0``). It is ``transfer.paired_bootstrap_p(b, a)``. Not an exact test:
+    (``mean(a - b) <= 0``). It is ``paired_bootstrap_p(b, a)``. Not an exact test:
     with no discordant pair it gives p = 1, with all pairs favouring ``a`` it gives 0."""
-    from lofit_lens.analysis.transfer import paired_bootstrap_p
-
     a, b = _pair(a, b)
     return paired_bootstrap_p(b, a, n_bootstrap, seed)
 

@@ -17,7 +17,6 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-from jaxtyping import Float
 
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.executors import ExecutorLike, get_executor
@@ -25,6 +24,7 @@ from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervals import wilson_ci
 from lofit_lens.intervention import Head
 from lofit_lens.analysis.sweeps import BiasItem, SelectionItem, bias_task, selection_task
+from lofit_lens.analysis.stats import paired_bootstrap_p
 from lofit_lens.baselines.selectors import random_heads as draw_random_heads
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import TaskLike, TrainingSet, resolve_run
@@ -67,18 +67,6 @@ class TransferResult:
         fig.update_traces(hovertemplate="%{y} heads -> %{x}: %{text}, relative %{z:.3f}"
                                         "<extra></extra>")
         return fig
-
-
-def paired_bootstrap_p(cell: Float[np.ndarray, " n"], reference: Float[np.ndarray, " n"],
-                       n_bootstrap: int = 1000, seed: int = 0) -> float:
-    """One-sided paired bootstrap: resample example indices; p = share of resamples whose
-    cell mean is >= the reference mean (small p: the cell is reliably worse)."""
-    cell, reference = np.asarray(cell, dtype=float), np.asarray(reference, dtype=float)
-    if cell.shape != reference.shape or cell.ndim != 1 or len(cell) == 0:
-        raise ValueError(f"Paired bootstrap needs two equal 1-d vectors, got {cell.shape} "
-                         f"and {reference.shape}")
-    idx = np.random.default_rng(seed).integers(0, len(cell), size=(n_bootstrap, len(cell)))
-    return float(((cell[idx] - reference[idx]).mean(axis=1) >= 0).mean())
 
 
 def significance_mark(p: float) -> str:
