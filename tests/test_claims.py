@@ -302,8 +302,8 @@ def test_claim_figures_draw_intervals(figures, tmp_path):
 
 
 def test_claims_and_claim_figures_command_lines_share_the_design():
-    from analysis import claim_figures as figures_cli
-    from analysis import claims as claims_cli
+    from analysis import draw_claim_figures as figures_cli
+    from analysis import run_claims as claims_cli
 
     argv = ["--models", "smollm2-135m", "--seeds", "0", "1", "--k", "0.1", "--truthfulqa-fold", "1"]
     ours = figures_cli.build_parser().parse_args(argv)

@@ -133,14 +133,17 @@ def per_example(task: Task, rows: Sequence[Mapping[str, Any]]) -> list[float]:
     return example_scores(rows)[primary_metric(task)]
 
 
-def _evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,
-               desc: str) -> dict[str, Any]:
+def evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,
+              desc: str) -> dict[str, Any]:
+    """A cell's record: the primary metric, all metrics, and the per-example scores
+    (``correct``: 0/1 under the primary metric; for multiple choice also ``mc2``)."""
     metrics, rows = evaluate(model, task, eval_examples(task, cfg), intervention,
                              cfg.eval_batch_size, progress, desc=desc,
                              max_batch_tokens=cfg.eval_batch_tokens)
     metric = primary_metric(task)
+    extra = {} if task.kind == "generation" else {"mc2": example_scores(rows)["mc2"]}
     return {"metric": metric, "accuracy": metrics[metric], "metrics": metrics,
-            "correct": per_example(task, rows)}
+            "correct": per_example(task, rows), **extra}
 
 
 def cells_folder(model, task: Task, cache_dir: str | Path) -> Path:
@@ -166,7 +169,7 @@ def bias_cell(model, task: Task, cfg: LoFiTConfig, heads: Sequence[Head],
     def compute() -> tuple[dict[str, Any], dict[str, Tensor]]:
         tuning = tune_biases(model, task, heads, config=cfg, progress=progress,
                              data=data() if data else None)
-        record = _evaluated(model, task, cfg, tuning.intervention, progress,
+        record = evaluated(model, task, cfg, tuning.intervention, progress,
                             f"eval {task.name} (K={len(heads)})")
         history = {k: getattr(tuning.history, k) for k in ("epoch_loss", "val_loss", "seconds", "n_train")}
         bias = torch.stack([tuning.bias[l, h] for l, h in heads]) if heads else torch.zeros(0)
@@ -181,4 +184,4 @@ def zero_shot_cell(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
     """The untouched model on ``task``'s test split (cached like ``bias_cell``)."""
     return cached_record(cells_folder(model, task, cache_dir), "zero_shot",
                          eval_settings(model, task, cfg),
-                         lambda: (_evaluated(model, task, cfg, None, progress, "eval zero-shot"), {}))
+                         lambda: (evaluated(model, task, cfg, None, progress, "eval zero-shot"), {}))

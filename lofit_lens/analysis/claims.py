@@ -56,7 +56,7 @@ from jaxtyping import Float, Int
 
 from lofit_lens.analysis import stats
 from lofit_lens.analysis.cells import (
-    bias_cell, cached_record, cached_selection, cells_folder, zero_shot_cell,
+    bias_cell, cached_record, cached_selection, cells_folder, evaluated, zero_shot_cell,
 )
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.baselines.base import BaselineOptions, RunContext
@@ -64,7 +64,6 @@ from lofit_lens.baselines.methods import get_method
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.budgets import budget_settings
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.eval.evaluate import evaluate, example_scores
 from lofit_lens.intervention import Head
 from lofit_lens.run_settings import STEP2_FIELDS, eval_examples, eval_settings, step_settings
 from lofit_lens.tasks.base import Example, Task
@@ -137,25 +136,6 @@ def seed_subsets(task: Task, seeds: Sequence[int], n: Optional[int],
 
 
 # ---------------------------------------------------------------------- cells
-def _scores(task: Task, rows: Sequence[Mapping[str, Any]]) -> dict[str, list[float]]:
-    """Per-example scores: ``correct`` (the primary 0/1 metric: exact match or MC1) and, for
-    multiple choice, ``mc2``."""
-    scores = example_scores(rows)
-    if task.kind == "generation":
-        return {"correct": scores["exact_match"]}
-    return {"correct": scores["mc1"], "mc2": scores["mc2"]}
-
-
-def _evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,
-               desc: str) -> dict[str, Any]:
-    metrics, rows = evaluate(model, task, eval_examples(task, cfg), intervention,
-                             cfg.eval_batch_size, progress, desc=desc,
-                             max_batch_tokens=cfg.eval_batch_tokens)
-    metric = "exact_match" if task.kind == "generation" else "mc1"
-    return {"metric": metric, "accuracy": metrics[metric], "metrics": metrics,
-            **_scores(task, rows)}
-
-
 def mc_bias_cell(model, task: Task, cfg: LoFiTConfig, heads: Optional[Sequence[Head]],
                  cache_dir: Union[str, Path], progress: bool = True,
                  data: Optional[Callable[[], TrainingSet]] = None) -> dict[str, Any]:
@@ -164,7 +144,7 @@ def mc_bias_cell(model, task: Task, cfg: LoFiTConfig, heads: Optional[Sequence[H
     if heads is None:
         return cached_record(cells_folder(model, task, cache_dir), "zero_shot-mc",
                              eval_settings(model, task, cfg),
-                             lambda: (_evaluated(model, task, cfg, None, progress, "eval zero-shot"), {}))
+                             lambda: (evaluated(model, task, cfg, None, progress, "eval zero-shot"), {}))
     heads = [tuple(h) for h in heads]
     settings = {**step_settings(model, task, cfg, STEP2_FIELDS), **eval_settings(model, task, cfg),
                 "heads": [list(h) for h in heads]}
@@ -172,7 +152,7 @@ def mc_bias_cell(model, task: Task, cfg: LoFiTConfig, heads: Optional[Sequence[H
     def compute():
         tuning = tune_biases(model, task, heads, config=cfg, progress=progress,
                              data=data() if data else None)
-        record = _evaluated(model, task, cfg, tuning.intervention, progress,
+        record = evaluated(model, task, cfg, tuning.intervention, progress,
                             f"eval {task.name} (K={len(heads)})")
         bias = torch.stack([tuning.bias[l, h] for l, h in heads])
         return {**record, "k": len(heads), "heads": [list(h) for h in heads],
@@ -196,7 +176,7 @@ def iti_cell(model, task: Task, cfg: LoFiTConfig, cache_dir: Union[str, Path],
         start = time.perf_counter()
         run = get_method("iti")(ctx)
         seconds = time.perf_counter() - start
-        record = _evaluated(model, task, cfg, run.intervention, progress, f"eval {task.name} ITI")
+        record = evaluated(model, task, cfg, run.intervention, progress, f"eval {task.name} ITI")
         return {**record, "heads": [list(h) for h in run.heads], "seconds": seconds}, {}
 
     return cached_record(cells_folder(model, task, cache_dir), "iti", settings, compute)
