@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from lofit_lens.analysis import cells as run_cache
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervals import wilson_ci
-from lofit_lens.analysis.plotting import save_figure
+from lofit_lens.analysis.plotting import plot_data_efficiency, plot_k_sweep, save_figure
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.store import settings_key
-from lofit_lens.analysis.sweeps import data_efficiency, k_sweep, plot_data_efficiency, plot_k_sweep
+from lofit_lens.analysis.sweeps import data_efficiency, k_sweep
 from lofit_lens.training import TrainingSet
 from lofit_lens.analysis.stats import paired_bootstrap_p
 from lofit_lens.analysis.transfer import compare_to_same_task, significance_mark, transfer_matrix

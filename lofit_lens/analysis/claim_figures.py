@@ -40,8 +40,7 @@ from lofit_lens.analysis.cells import cached_selection
 from lofit_lens.analysis.claims import (
     DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, claim_cell, claim_runs, seed_intervals,
 )
-from lofit_lens.analysis.plotting import plot_transfer
-from lofit_lens.analysis.sweeps import plot_data_efficiency, plot_k_sweep
+from lofit_lens.analysis.plotting import plot_data_efficiency, plot_k_sweep, plot_transfer
 from lofit_lens.analysis.transfer import RANDOM, significance_mark
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.baselines.selectors import random_heads

@@ -184,3 +184,57 @@ def save_figure(fig: go.Figure, path_without_suffix: str | os.PathLike,
             write_bytes(path, fig.to_image(format=fmt, scale=scale))
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------------- sweeps (Fig. 4, 5)
+def _sweep_figure(frame: pd.DataFrame, x: str, x_title: str, title: str,
+                  log_x: bool) -> go.Figure:
+    """One panel per task; a line per (model, method), with error bars where ``frame`` has
+    ``ci_low`` / ``ci_high`` and significance marks where it has ``mark``; zero-shot as a
+    dotted line per model."""
+    tasks = list(dict.fromkeys(frame["task"]))
+    fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks)
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    colours = {m: palette[i % len(palette)] for i, m in enumerate(dict.fromkeys(frame["model"]))}
+    for col, task in enumerate(tasks, start=1):
+        part = frame[frame["task"] == task]
+        for (model, method), line in part[part["method"] != "zero_shot"].groupby(
+                ["model", "method"], sort=False):
+            line = line.sort_values(x)
+            errors = (dict(type="data", symmetric=False, array=line["ci_high"] - line["accuracy"],
+                           arrayminus=line["accuracy"] - line["ci_low"])
+                      if "ci_low" in line else None)
+            marks = line["mark"].fillna("") if "mark" in line else None
+            fig.add_trace(go.Scatter(
+                x=line[x], y=line["accuracy"], error_y=errors, text=marks,
+                mode="lines+markers+text" if marks is not None else "lines+markers",
+                textposition="middle right", name=f"{model} {method}",
+                legendgroup=f"{model} {method}", showlegend=col == 1,
+                line=dict(color=colours[model], dash="dash" if method == "random" else "solid"),
+                hovertemplate=f"{model} {method}<br>{x_title}: %{{x}}<br>accuracy: "
+                              "%{y:.3f}<extra></extra>"), row=1, col=col)
+        zero_shot = part[part["method"] == "zero_shot"]
+        for accuracy, refs in zero_shot.groupby("accuracy", sort=False):
+            # one line per distinct value: models with equal 0-shot share a label
+            models = list(dict.fromkeys(refs["model"]))
+            fig.add_hline(y=accuracy, line_dash="dot",
+                          line_color=colours[models[0]] if len(models) == 1 else "grey",
+                          annotation_text=f"0-shot {', '.join(models)}", row=1, col=col)
+        fig.update_yaxes(title_text=str(part["metric"].iloc[0]), rangemode="tozero", row=1, col=col)
+    fig.update_xaxes(title_text=x_title, type="log" if log_x else "linear")
+    fig.update_layout(title=title, height=420, width=max(500, 420 * len(tasks)),
+                      margin=dict(t=110))
+    return fig
+
+
+def plot_k_sweep(frame: pd.DataFrame, title: str = "Accuracy vs number of tuned heads"
+                 ) -> go.Figure:
+    """Fig. 5 from ``k_sweep`` frames (concatenate several models / tasks): x = % of heads."""
+    frame = frame.assign(percent=100 * frame["fraction"])
+    return _sweep_figure(frame, "percent", "% of heads", title, log_x=True)
+
+
+def plot_data_efficiency(frame: pd.DataFrame,
+                         title: str = "Accuracy vs training examples") -> go.Figure:
+    """Fig. 4 from ``data_efficiency`` frames: x = training examples used."""
+    return _sweep_figure(frame, "n_train", "training examples", title, log_x=True)
