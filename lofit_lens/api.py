@@ -83,8 +83,7 @@ def lofit(
         return TrainingSet.build(model, task_obj, cfg, examples)
 
     def selection() -> dict:
-        s = select_heads(model, task_obj, config=cfg, progress=progress, data=data())
-        return {"scores": s.scores, "scale": s.scale, "history": s.history.to_dict()}
+        return select_heads(model, task_obj, config=cfg, progress=progress, data=data()).to_phase()
 
     def tuning() -> dict:
         t = tune_biases(model, task_obj, heads, config=cfg, progress=progress, data=data())

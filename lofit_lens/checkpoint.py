@@ -42,11 +42,17 @@ def logged_phase(phase: str) -> Iterator[None]:
 
 
 class PhaseCheckpoint:
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
+    """Phases saved as ``<directory>/<phase>-<key>.{json,safetensors}``. ``lock``: hold the
+    folder's lock while saving (a run's own folder); a cache shared by parallel workers
+    (analysis cells, Ray) saves without it, each file written atomically."""
 
-    def load(self, stem: str) -> Optional[Phase]:
-        """The saved value under ``stem`` (``<phase>-<key>``), or ``None``."""
+    def __init__(self, directory: str | Path, lock: bool = True):
+        self.directory = Path(directory)
+        self.lock = lock
+
+    def saved(self, phase: str, settings: dict[str, Any]) -> Optional[Phase]:
+        """The value a run with these ``settings`` saved for ``phase``, or ``None``."""
+        stem = f"{phase}-{settings_key(settings)}"
         if not artifact_exists(self.directory, name=stem):
             return None
         tensors, card = load_artifact(self.directory, kind="phase", name=stem)
@@ -54,10 +60,10 @@ class PhaseCheckpoint:
 
     def run(self, phase: str, settings: dict[str, Any], compute: Callable[[], Phase]) -> Phase:
         """``compute()``'s value for ``phase``: loaded if a run with these ``settings`` saved
-        it, else computed and saved (under the folder's lock) before it is returned."""
+        it, else computed and saved before it is returned."""
         key = settings_key(settings)
         stem = f"{phase}-{key}"
-        saved = self.load(stem)
+        saved = self.saved(phase, settings)
         if saved is not None:
             logger.info("%s: read from %s", phase, self.directory)
             return saved
@@ -65,7 +71,7 @@ class PhaseCheckpoint:
             value = compute()
         tensors = {k: v for k, v in value.items() if isinstance(v, Tensor)}
         rest = {k: v for k, v in value.items() if k not in tensors}
-        with folder_lock(self.directory):
+        with folder_lock(self.directory) if self.lock else contextlib.nullcontext():
             save_artifact(self.directory, tensors, {"phase": phase, "key": key, "value": rest},
                           kind="phase", name=stem)
         return {**jsonable(rest), **tensors}  # as a resumed run reads it back

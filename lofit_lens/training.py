@@ -52,6 +52,15 @@ class HeadSelection:
         heads = self.top(self.scores.numel())
         return [(h, float(self.scores[h])) for h in heads]
 
+    def to_phase(self) -> dict[str, Any]:
+        """The saved form (``checkpoint.PhaseCheckpoint``): tensors and the history."""
+        return {"scores": self.scores, "scale": self.scale, "history": self.history.to_dict()}
+
+    @classmethod
+    def from_phase(cls, phase: dict[str, Any], cached: bool = False) -> "HeadSelection":
+        history = TrainingHistory.from_dict({**phase["history"], "cached": cached})
+        return cls(phase["scores"], phase["scale"], history)
+
 
 @dataclass
 class BiasTuning:

@@ -120,7 +120,7 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, arithmetic_tasks, t
     v = load_file(str(files[0].with_suffix(".safetensors")))["bias"]  # v on the 2 heads
     assert v.shape == (2, model_dims(tiny_model).d_head)
     assert len(cell["correct"]) == 3 and cell["settings"]["epochs_bias"] == 1
-    assert len(list((tmp_path / "cache" / "tiny-llama").glob("*/s0/select-*/*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("select-*.safetensors"))) == 2
 
     again = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path / "cache",
                             n_bootstrap=50, progress=False, **BUDGET)
@@ -337,3 +337,27 @@ def test_public_head_selection_is_cached_and_matches_the_lower_api(tiny_model, a
     assert torch.equal(first.head_scores, again.head_scores) and not first.bias.any()
     rand = ll.random_selection(tiny_model, 2, seed=0)
     assert rand.selected_heads == random_heads(model_dims(tiny_model), 2, 0)
+
+
+def test_a_selection_saved_by_lofit_is_reused_by_transfer_matrix(tiny_model, arithmetic_tasks,
+                                                                 tmp_path, calls, monkeypatch):
+    """One store for step 1: ``ll.lofit(checkpoint=X)`` then ``transfer_matrix(cache_dir=X)``
+    on the same settings selects the heads of the task lofit ran once, not twice."""
+    import lofit_lens as ll
+    import lofit_lens.api as api
+
+    def counted(*args, **kwargs):
+        calls["select"] += 1
+        return select(*args, **kwargs)
+
+    select = api.select_heads
+    monkeypatch.setattr(api, "select_heads", counted)
+    ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path, zero_shot=False,
+             eval_splits=(), progress=False, **BUDGET)
+    assert calls["select"] == 1
+    res = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path, n_bootstrap=50,
+                          progress=False, **BUDGET)
+    assert calls["select"] == 2  # only the second task's selection was computed
+    again = ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path,
+                     zero_shot=False, eval_splits=(), progress=False, **BUDGET)
+    assert calls["select"] == 2 and res.heads["double"] == again.selected_heads

@@ -3,12 +3,13 @@
 Every entry is a store artifact (``lofit_lens.store``) keyed by a hash of the settings that
 determine it (``lofit_lens.run_settings``: model id, shape, dtype and weights' hash; the
 versions; the task and a hash of its training / evaluation data; the step's hyperparameters
-and seed), so a cache written
-with other settings is never reused, and an interrupted analysis resumes where it stopped.
+and seed), so a cache written with other settings is never reused, and an interrupted
+analysis resumes where it stopped.
 
 Layout under ``cache_dir``::
 
-    <model>/<task>/s<seed>/select-<key>/selection.{json,safetensors}
+    select-<key>.{json,safetensors}  (step 1: the phase ``ll.lofit(checkpoint=cache_dir)``
+                                      saves, so either reuses the other's selection)
     <model>/cells/<task>/bias-<key>.{json,safetensors}  (v tuned on given heads, then evaluated)
     <model>/cells/<task>/zero_shot-<key>.{json,safetensors}  (the untouched model evaluated)
 """
@@ -23,10 +24,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
+from lofit_lens.checkpoint import PhaseCheckpoint
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.eval.evaluate import evaluate, example_scores
-from lofit_lens.history import RunHistory, TrainingHistory
+from lofit_lens.history import RunHistory
 from lofit_lens.intervention import Head
 from lofit_lens.result import LoFiTResult
 from lofit_lens.run_settings import (
@@ -68,23 +70,15 @@ def cached_record(folder: Path, name: str, settings: Mapping[str, Any],
 def cached_selection(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
                      progress: bool = True,
                      data: Optional[Callable[[], TrainingSet]] = None) -> HeadSelection:
-    """``select_heads`` on ``task`` with ``cfg``, read from / written to ``cache_dir``
-    (``data``: as in ``bias_cell``)."""
+    """``select_heads`` on ``task`` with ``cfg``, read from / written to ``cache_dir`` as the
+    "select" phase of ``checkpoint.PhaseCheckpoint`` (``data``: as in ``bias_cell``)."""
     settings = step_settings(model, task, cfg, STEP1_FIELDS)
-    key = settings_key(settings)
-    folder = (Path(cache_dir) / slug(model_id(model)) / slug(task.name) / f"s{cfg.seed}"
-              / f"select-{key}")
-    if artifact_exists(folder, name="selection"):
-        tensors, card = load_artifact(folder, kind="head_selection", name="selection",
-                                      required=("history",))
-        return HeadSelection(tensors["scores"], tensors["scale"],
-                             TrainingHistory.from_dict({**card["history"], "cached": True}))
-    selection = select_heads(model, task, config=cfg, progress=progress,
-                             data=data() if data else None)
-    save_artifact(folder, {"scores": selection.scores, "scale": selection.scale},
-                  {"settings": settings, "key": key, "history": selection.history.to_dict()},
-                  kind="head_selection", name="selection")
-    return selection
+    phases = PhaseCheckpoint(cache_dir, lock=False)  # the store ll.lofit(checkpoint=) uses
+    saved = phases.saved("select", settings)
+    if saved is not None:
+        return HeadSelection.from_phase(saved, cached=True)
+    return HeadSelection.from_phase(phases.run("select", settings, lambda: select_heads(
+        model, task, config=cfg, progress=progress, data=data() if data else None).to_phase()))
 
 
 def selection_result(selection: HeadSelection, cfg: LoFiTConfig, model_name: str,
