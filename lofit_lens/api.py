@@ -14,15 +14,15 @@ from lofit_lens.checkpoint import PhaseCheckpoint, logged_phase, run_phase
 from lofit_lens.config import LoFiTConfig, parse_epochs
 from lofit_lens.eval.evaluate import split_metrics
 from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
-from lofit_lens.intervention import top_heads
+from lofit_lens.phases import stored_selection
 from lofit_lens.result import LoFiTResult
 from lofit_lens.run_settings import (
-    STEP1_FIELDS, STEP2_FIELDS, config_fields, data_settings, eval_data_settings,
-    model_settings, task_settings,
+    STEP2_FIELDS, config_fields, data_settings, eval_data_settings, model_settings,
+    task_settings,
 )
 from lofit_lens.tasks.hygiene import check_data
 from lofit_lens.training import (
-    TaskLike, TrainingSet, resolve_run, select_heads, training_data, tune_biases,
+    TaskLike, TrainingSet, resolve_run, training_data, tune_biases,
 )
 
 Epochs = Union[int, tuple[int, int], None]
@@ -82,9 +82,6 @@ def lofit(
     def data() -> TrainingSet:  # encoded once for both steps (DPO: reference log-probs too)
         return TrainingSet.build(model, task_obj, cfg, examples)
 
-    def selection() -> dict:
-        return select_heads(model, task_obj, config=cfg, progress=progress, data=data()).to_phase()
-
     def tuning() -> dict:
         t = tune_biases(model, task_obj, heads, config=cfg, progress=progress, data=data())
         return {"bias": t.bias, "history": t.history.to_dict()}
@@ -92,16 +89,16 @@ def lofit(
     evals = {}
     if zero_shot and cfg.eval_splits:
         evals["zero_shot"] = run_phase(ckpt, "zero_shot", evaluated, lambda: evaluation("zero_shot"))
-    selected = run_phase(ckpt, "select", {**trained, **config_fields(cfg, STEP1_FIELDS)}, selection)
-    selection_history = TrainingHistory.from_dict(selected["history"])
-    heads = top_heads(selected["scores"], n_heads)
+    selected = stored_selection(model, task_obj, cfg, ckpt, progress, data)
+    selection_history = selected.history
+    heads = selected.top(n_heads)
     tuned = run_phase(ckpt, "tune", {**trained, **config_fields(cfg, STEP2_FIELDS), "heads": heads}, tuning)
     history = RunHistory(selection_history, TrainingHistory.from_dict(tuned["history"]))
     result = LoFiTResult(
         config=cfg,
         model_id=model_id(model),
-        head_scores=selected["scores"],
-        scale=selected["scale"],
+        head_scores=selected.scores,
+        scale=selected.scale,
         bias=tuned["bias"],
         selected_heads=heads,
         history=history,

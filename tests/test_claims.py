@@ -132,7 +132,7 @@ def test_rerun_reads_every_cell_from_the_cache(report, tiny_model, task_paths, m
     def no_training(*args, **kwargs):
         raise AssertionError("a cached cell was trained again")
 
-    monkeypatch.setattr(run_cache, "select_heads", no_training)
+    monkeypatch.setattr("lofit_lens.phases.select_heads", no_training)
     monkeypatch.setattr(run_cache, "tune_biases", no_training)
     monkeypatch.setattr(claims, "tune_biases", no_training)
     monkeypatch.setattr(claims, "get_method", no_training)

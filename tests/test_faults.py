@@ -649,7 +649,7 @@ def test_diverged_training_stops_and_keeps_finished_phases(tiny_model, tiny_task
     with pytest.raises(TrainingDivergedError, match="step 2: tune biases.*lower the learning rate"):
         ll.lofit(tiny_model, str(tiny_task_file), **{**kwargs, "lr_bias": lr})
     assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"zero_shot", "select"}
-    monkeypatch.setattr("lofit_lens.api.select_heads", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr("lofit_lens.phases.select_heads", lambda *a, **k: pytest.fail("recomputed"))
     result = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)  # resumes after step 1
     assert torch.isfinite(result.bias).all()
 

@@ -107,7 +107,7 @@ def test_checkpoint_resumes_finished_phases(tiny_model, tiny_task_file, tmp_path
     def fail(*args, **kw):
         raise AssertionError("a finished phase was recomputed")
 
-    monkeypatch.setattr("lofit_lens.api.select_heads", fail)
+    monkeypatch.setattr("lofit_lens.phases.select_heads", fail)
     monkeypatch.setattr("lofit_lens.api.tune_biases", fail)
     again = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
     assert torch.equal(again.bias, first.bias) and again.selected_heads == first.selected_heads
@@ -136,7 +136,7 @@ def test_checkpoint_recomputes_what_an_edit_changed(tiny_model, tiny_task_file, 
     def fail(*args, **kw):
         raise AssertionError("a training step was recomputed")
 
-    monkeypatch.setattr("lofit_lens.api.select_heads", fail)
+    monkeypatch.setattr("lofit_lens.phases.select_heads", fail)
     monkeypatch.setattr("lofit_lens.api.tune_biases", fail)
     again = ll.lofit(tiny_model, str(task), **kwargs)
     assert torch.equal(again.bias, first.bias)  # training reused

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lofit_lens import phases
 from lofit_lens.analysis import cells as run_cache
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.intervals import wilson_ci
@@ -42,7 +43,7 @@ def calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(run_cache, "select_heads", counting("select", run_cache.select_heads))
+    monkeypatch.setattr(phases, "select_heads", counting("select", phases.select_heads))
     monkeypatch.setattr(run_cache, "tune_biases", counting("tune", run_cache.tune_biases))
     return counts
 
@@ -267,7 +268,7 @@ def test_analysis_module_writes_figures_and_tables(module, tiny_model, data_dir,
     info = json.loads((out / "run_info.json").read_text())
     assert set(info["files"]) <= written
     # a rerun reads everything from the cache
-    monkeypatch.setattr(run_cache, "select_heads", None)
+    monkeypatch.setattr(phases, "select_heads", None)
     monkeypatch.setattr(run_cache, "tune_biases", None)
     assert mod.main(argv) == 0
 
@@ -340,18 +341,11 @@ def test_public_head_selection_is_cached_and_matches_the_lower_api(tiny_model, a
 
 
 def test_a_selection_saved_by_lofit_is_reused_by_transfer_matrix(tiny_model, arithmetic_tasks,
-                                                                 tmp_path, calls, monkeypatch):
+                                                                 tmp_path, calls):
     """One store for step 1: ``ll.lofit(checkpoint=X)`` then ``transfer_matrix(cache_dir=X)``
     on the same settings selects the heads of the task lofit ran once, not twice."""
     import lofit_lens as ll
-    import lofit_lens.api as api
 
-    def counted(*args, **kwargs):
-        calls["select"] += 1
-        return select(*args, **kwargs)
-
-    select = api.select_heads
-    monkeypatch.setattr(api, "select_heads", counted)
     ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path, zero_shot=False,
              eval_splits=(), progress=False, **BUDGET)
     assert calls["select"] == 1
@@ -361,3 +355,13 @@ def test_a_selection_saved_by_lofit_is_reused_by_transfer_matrix(tiny_model, ari
     again = ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path,
                      zero_shot=False, eval_splits=(), progress=False, **BUDGET)
     assert calls["select"] == 2 and res.heads["double"] == again.selected_heads
+
+
+def test_compare_reuses_the_selection_lofit_saved(tiny_model, arithmetic_tasks, tmp_path, calls):
+    import lofit_lens as ll
+
+    ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path, zero_shot=False,
+             eval_splits=(), progress=False, **BUDGET)
+    frame = ll.compare(tiny_model, arithmetic_tasks[0], methods=["lofit"], k=2, out=tmp_path,
+                       progress=False, **BUDGET)
+    assert calls["select"] == 1 and list(frame["method"]) == ["lofit"]

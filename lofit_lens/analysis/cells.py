@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.checkpoint import PhaseCheckpoint
+from lofit_lens.phases import stored_selection
 from lofit_lens.baselines.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.eval.evaluate import evaluate, example_scores
@@ -32,14 +33,14 @@ from lofit_lens.history import RunHistory
 from lofit_lens.intervention import Head
 from lofit_lens.result import LoFiTResult
 from lofit_lens.run_settings import (
-    STEP1_FIELDS, STEP2_FIELDS, eval_examples, eval_settings, step_settings,
+    STEP2_FIELDS, eval_examples, eval_settings, step_settings,
 )
 from lofit_lens.store import (
     artifact_exists, load_artifact, save_artifact, settings_key, slug,
 )
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import (
-    HeadSelection, TaskLike, TrainingSet, resolve_run, select_heads, tune_biases,
+    HeadSelection, TaskLike, TrainingSet, resolve_run, tune_biases,
 )
 
 Record = dict[str, Any]
@@ -72,13 +73,8 @@ def cached_selection(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
                      data: Optional[Callable[[], TrainingSet]] = None) -> HeadSelection:
     """``select_heads`` on ``task`` with ``cfg``, read from / written to ``cache_dir`` as the
     "select" phase of ``checkpoint.PhaseCheckpoint`` (``data``: as in ``bias_cell``)."""
-    settings = step_settings(model, task, cfg, STEP1_FIELDS)
-    phases = PhaseCheckpoint(cache_dir, lock=False)  # the store ll.lofit(checkpoint=) uses
-    saved = phases.saved("select", settings)
-    if saved is not None:
-        return HeadSelection.from_phase(saved, cached=True)
-    return HeadSelection.from_phase(phases.run("select", settings, lambda: select_heads(
-        model, task, config=cfg, progress=progress, data=data() if data else None).to_phase()))
+    return stored_selection(model, task, cfg, PhaseCheckpoint(cache_dir, lock=False), progress,
+                            data)
 
 
 def selection_result(selection: HeadSelection, cfg: LoFiTConfig, model_name: str,

@@ -11,6 +11,7 @@ from lofit_lens.backends.hooked import model_dims
 from lofit_lens.baselines.iti import (
     Probes, end_q_statements, fit_probes, head_activations, statements,
 )
+from lofit_lens.checkpoint import PhaseCheckpoint
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.intervention import Head
 from lofit_lens.tasks.base import Task
@@ -56,8 +57,10 @@ class RunContext:
     """One (seed, fold) run shared by all methods; ITI probes are fitted once, on demand."""
 
     def __init__(self, model, task: Task, cfg: LoFiTConfig, options: BaselineOptions,
-                 progress: bool = True):
+                 progress: bool = True, phases: Optional[PhaseCheckpoint] = None):
         self.model, self.task, self.cfg, self.options, self.progress = model, task, cfg, options, progress
+        self.phases = phases
+        """Where step 1 is read from and saved (``lofit_lens.phases``); ``None``: not saved."""
         self.dims = model_dims(model)
         self.k = cfg.num_heads(self.dims.total_heads)
         self._probes: Optional[Probes] = None

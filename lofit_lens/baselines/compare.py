@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
+from lofit_lens.checkpoint import PhaseCheckpoint
 from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig, parse_epochs
 from lofit_lens.baselines.base import BaselineOptions, RunContext
 from lofit_lens.baselines.methods import SEED_INDEPENDENT, get_method
@@ -90,7 +91,9 @@ def compare(
             task_obj, cfg = resolve_run(task, None, {**settings, "seed": seed, "extra": task_extra})
             if not cfg.eval_splits:
                 raise ValueError("compare needs an evaluation split (eval_splits is empty)")
-            ctx = RunContext(model, task_obj, cfg, options, progress and run_cells.in_process)
+            phases = None if out is None else PhaseCheckpoint(out, lock=False)
+            ctx = RunContext(model, task_obj, cfg, options, progress and run_cells.in_process,
+                             phases)
             for name in methods:
                 if name not in SEED_INDEPENDENT or seed == seeds[0]:
                     jobs.append((ctx, name, fold))
