@@ -17,8 +17,7 @@ from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
 from lofit_lens.phases import stored_selection
 from lofit_lens.result import LoFiTResult
 from lofit_lens.run_settings import (
-    STEP2_FIELDS, config_fields, data_settings, eval_data_settings, model_settings,
-    task_settings,
+    STEP2_FIELDS, eval_data_settings, model_settings, step_settings, task_settings,
 )
 from lofit_lens.tasks.hygiene import check_data
 from lofit_lens.training import (
@@ -66,10 +65,8 @@ def lofit(
     n_heads = cfg.num_heads(dims.total_heads)
     examples = training_data(task_obj, cfg)  # read and hashed once per run
     ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint)
-    run = {**model_settings(model), "task": task_settings(task_obj)}
-    trained = {**run, **data_settings(examples)}
-    evaluated = {**run, "eval_data": eval_data_settings(task_obj, cfg.eval_splits,
-                                                        cfg.max_eval_examples)}
+    evaluated = {**model_settings(model), "task": task_settings(task_obj),
+                 "eval_data": eval_data_settings(task_obj, cfg.eval_splits, cfg.max_eval_examples)}
 
     def evaluation(label: str, intervention=None) -> dict:
         start = time.perf_counter()
@@ -89,10 +86,11 @@ def lofit(
     evals = {}
     if zero_shot and cfg.eval_splits:
         evals["zero_shot"] = run_phase(ckpt, "zero_shot", evaluated, lambda: evaluation("zero_shot"))
-    selected = stored_selection(model, task_obj, cfg, ckpt, progress, data)
+    selected = stored_selection(model, task_obj, cfg, ckpt, progress, data, examples)
     selection_history = selected.history
     heads = selected.top(n_heads)
-    tuned = run_phase(ckpt, "tune", {**trained, **config_fields(cfg, STEP2_FIELDS), "heads": heads}, tuning)
+    tuned = run_phase(ckpt, "tune", {**step_settings(model, task_obj, cfg, STEP2_FIELDS, examples),
+                                     "heads": heads}, tuning)
     history = RunHistory(selection_history, TrainingHistory.from_dict(tuned["history"]))
     result = LoFiTResult(
         config=cfg,

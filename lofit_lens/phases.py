@@ -15,17 +15,18 @@ from lofit_lens.checkpoint import PhaseCheckpoint, run_phase
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.run_settings import STEP1_FIELDS, step_settings
 from lofit_lens.tasks.base import Task
-from lofit_lens.training import HeadSelection, TrainingSet, select_heads
+from lofit_lens.training import HeadSelection, RunData, TrainingSet, select_heads
 
 
 def stored_selection(model, task: Task, cfg: LoFiTConfig, store: Optional[PhaseCheckpoint],
                      progress: bool = True,
-                     data: Optional[Callable[[], TrainingSet]] = None) -> HeadSelection:
+                     data: Optional[Callable[[], TrainingSet]] = None,
+                     examples: Optional[RunData] = None) -> HeadSelection:
     """``select_heads`` on ``task`` with ``cfg``: read from ``store`` when a run with the same
     settings saved it (``history.cached`` is then True), else computed and saved there
     (``store=None``: computed, not saved). ``data``: builds the encoded training set (called
-    only when the selection is computed)."""
-    settings = step_settings(model, task, cfg, STEP1_FIELDS)
+    only when the selection is computed); ``examples``: the training data, if already read."""
+    settings = step_settings(model, task, cfg, STEP1_FIELDS, examples)
     saved = store.saved("select", settings) if store is not None else None
     if saved is not None:
         return HeadSelection.from_phase(saved, cached=True)

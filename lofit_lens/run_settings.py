@@ -9,7 +9,7 @@ them reuses saved work.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from lofit_lens.backends.fingerprint import model_fingerprint
 from lofit_lens.backends.hooked import model_dims, model_id
@@ -60,10 +60,12 @@ def eval_examples(task: Task, cfg: LoFiTConfig):
     return task.eval_examples(EVAL_SPLIT, cfg.max_eval_examples)
 
 
-def step_settings(model, task: Task, cfg: LoFiTConfig, fields: Sequence[str]) -> dict[str, Any]:
-    """Model, task, training-data hash and the config ``fields`` of one training step."""
+def step_settings(model, task: Task, cfg: LoFiTConfig, fields: Sequence[str],
+                  data: Optional[RunData] = None) -> dict[str, Any]:
+    """Model, task, training-data hash and the config ``fields`` of one training step
+    (``data``: the run's training data when already read, else read here)."""
     return {**model_settings(model), "task": task_settings(task),
-            **data_settings(training_data(task, cfg)), **config_fields(cfg, fields)}
+            **data_settings(data or training_data(task, cfg)), **config_fields(cfg, fields)}
 
 
 def eval_settings(model, task: Task, cfg: LoFiTConfig) -> dict[str, Any]:
