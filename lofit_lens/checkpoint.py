@@ -50,9 +50,8 @@ class PhaseCheckpoint:
         self.directory = Path(directory)
         self.lock = lock
 
-    def saved(self, phase: str, settings: dict[str, Any]) -> Optional[Phase]:
-        """The value a run with these ``settings`` saved for ``phase``, or ``None``."""
-        stem = f"{phase}-{settings_key(settings)}"
+    def _load(self, stem: str) -> Optional[Phase]:
+        """The value saved as ``<phase>-<key>``, or ``None``."""
         if not artifact_exists(self.directory, name=stem):
             return None
         tensors, card = load_artifact(self.directory, kind="phase", name=stem)
@@ -63,7 +62,7 @@ class PhaseCheckpoint:
         it, else computed and saved before it is returned."""
         key = settings_key(settings)
         stem = f"{phase}-{key}"
-        saved = self.saved(phase, settings)
+        saved = self._load(stem)
         if saved is not None:
             logger.info("%s: read from %s", phase, self.directory)
             return saved

@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
+from lofit_lens.batching import EVAL_BATCH_TOKENS
 from lofit_lens.errors import ConfigError
 from lofit_lens.tasks.base import ProtocolName, TaskHyperparams, check_protocol
 
@@ -133,7 +134,7 @@ class LoFiTConfig:
     eval_splits: tuple[str, ...] = _setting(("test",), "splits evaluated", cli=False)
     eval_batch_size: int = _setting(16, "evaluation batch size (rows), at most", minimum=1)
     eval_batch_tokens: int = _setting(
-        16384, "evaluation batch size in tokens (rows x padded length), at most: one long row "
+        EVAL_BATCH_TOKENS, "evaluation batch size in tokens (rows x padded length), at most: one long row "
                "runs with fewer others, or alone", minimum=1)
     prefix_cache_mb: float = _setting(
         1024.0, "memory (MB) for the frozen-prefix cache of a step whose heads all lie at or "

@@ -26,9 +26,14 @@ def stored_selection(model, task: Task, cfg: LoFiTConfig, store: Optional[PhaseC
     settings saved it (``history.cached`` is then True), else computed and saved there
     (``store=None``: computed, not saved). ``data``: builds the encoded training set (called
     only when the selection is computed); ``examples``: the training data, if already read."""
-    settings = step_settings(model, task, cfg, STEP1_FIELDS, examples)
-    saved = store.saved("select", settings) if store is not None else None
-    if saved is not None:
-        return HeadSelection.from_phase(saved, cached=True)
-    return HeadSelection.from_phase(run_phase(store, "select", settings, lambda: select_heads(
-        model, task, config=cfg, progress=progress, data=data() if data else None).to_phase()))
+    computed = False
+
+    def compute() -> dict:
+        nonlocal computed
+        computed = True
+        return select_heads(model, task, config=cfg, progress=progress,
+                            data=data() if data else None).to_phase()
+
+    phase = run_phase(store, "select", step_settings(model, task, cfg, STEP1_FIELDS, examples),
+                      compute)
+    return HeadSelection.from_phase(phase, cached=not computed)

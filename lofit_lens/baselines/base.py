@@ -61,6 +61,8 @@ class RunContext:
         self.model, self.task, self.cfg, self.options, self.progress = model, task, cfg, options, progress
         self.phases = phases
         """Where step 1 is read from and saved (``lofit_lens.phases``); ``None``: not saved."""
+        self.settings: Optional[dict[str, Any]] = None
+        """What the runs of this context depend on (``compare`` fills it once)."""
         self.dims = model_dims(model)
         self.k = cfg.num_heads(self.dims.total_heads)
         self._probes: Optional[Probes] = None

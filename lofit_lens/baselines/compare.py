@@ -137,7 +137,13 @@ def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) 
 
 def _settings(ctx: RunContext) -> dict[str, Any]:
     """What a run depends on: the model (weights' hash included), the data it trains and is
-    evaluated on, the config and the methods' options."""
+    evaluated on, the config and the methods' options; worked out once per context."""
+    if ctx.settings is None:
+        ctx.settings = _work_out_settings(ctx)
+    return ctx.settings
+
+
+def _work_out_settings(ctx: RunContext) -> dict[str, Any]:
     data = {**data_settings(training_data(ctx.task, ctx.cfg)),
             "eval_data": eval_data_settings(ctx.task, ctx.cfg.eval_splits,
                                             ctx.cfg.max_eval_examples)}
@@ -194,12 +200,14 @@ class _RunItem:
     options: BaselineOptions
     name: str
     fold: Optional[int]
+    phases: Optional[PhaseCheckpoint] = None
 
 
 def _run_item(model, item: _RunItem) -> tuple[Cell, Optional[dict[str, Any]], dict]:
-    """A run in a worker: its record and its intervention in saved form (the worker writes
-    nothing: the caller saves, under ``out``'s lock)."""
-    ctx = RunContext(model, item.task, item.cfg, item.options, progress=False)
+    """A run in a worker: its record and its intervention in saved form (the caller saves
+    it, under ``out``'s lock; only a head selection goes to the shared phase store)."""
+    ctx = RunContext(model, item.task, item.cfg, item.options, progress=False,
+                     phases=item.phases)
     cell, intervention = _run(ctx, item.name, item.fold)
     return (cell, *_portable(intervention))
 
@@ -212,8 +220,8 @@ def _remote_cells(run_cells: Executor, model, jobs, out: Optional[Path],
     cells: list[Optional[Cell]] = [None if out is None else _saved_cell(ctx, name, fold, out)
                                    for ctx, name, fold in jobs]
     todo = [i for i, cell in enumerate(cells) if cell is None]
-    items = [_RunItem(jobs[i][0].task, jobs[i][0].cfg, jobs[i][0].options, jobs[i][1], jobs[i][2])
-             for i in todo]
+    items = [_RunItem(jobs[i][0].task, jobs[i][0].cfg, jobs[i][0].options, jobs[i][1], jobs[i][2],
+                      jobs[i][0].phases) for i in todo]
     for i, (cell, intervention, tensors) in zip(
             todo, run_cells.map(_run_item, model, items, desc="compare runs", progress=progress)):
         ctx, name, fold = jobs[i]
