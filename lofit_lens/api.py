@@ -65,8 +65,6 @@ def lofit(
     n_heads = cfg.num_heads(dims.total_heads)
     examples = training_data(task_obj, cfg)  # read and hashed once per run
     ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint)
-    evaluated = {**model_settings(model), "task": task_settings(task_obj),
-                 "eval_data": eval_data_settings(task_obj, cfg.eval_splits, cfg.max_eval_examples)}
 
     def evaluation(label: str, intervention=None) -> dict:
         start = time.perf_counter()
@@ -85,6 +83,9 @@ def lofit(
 
     evals = {}
     if zero_shot and cfg.eval_splits:
+        evaluated = {**model_settings(model), "task": task_settings(task_obj),
+                     "eval_data": eval_data_settings(task_obj, cfg.eval_splits,
+                                                     cfg.max_eval_examples)}
         evals["zero_shot"] = run_phase(ckpt, "zero_shot", evaluated, lambda: evaluation("zero_shot"))
     selected = stored_selection(model, task_obj, cfg, ckpt, progress, data, examples)
     selection_history = selected.history

