@@ -23,7 +23,7 @@ from typing import Any, Collection, Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from lofit_lens.disk import discard, write_error
@@ -58,18 +58,6 @@ def jsonable(value: Any) -> Any:
 # ---------------------------------------------------------------------- atomic files
 def _partial(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}.partial")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _readable_like_any_file(path: Path) -> None:
-    """Give ``path`` the mode a plain new file gets (0666 less the umask): safetensors
-    writes 0600, which other users of a shared cache folder (a Ray cluster) cannot read."""
-    os.chmod(path, 0o666 & ~_umask())
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -235,20 +223,11 @@ def save_artifact(folder: str | Path, tensors: Mapping[str, Tensor], card: Mappi
     folder = Path(folder)
     card_path = folder / (card_name or f"{name}.json")
     tensor_path = folder / (tensors_name or f"{name}.safetensors")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(tensor_path)
-    try:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous()
-                   for k, v in tensors.items()}, str(tmp))
-        _readable_like_any_file(tmp)
-        checksum = file_sha256(tmp)
-        os.replace(tmp, tensor_path)
-    except BaseException as err:  # a full disk or a read-only folder: no .partial left
-        discard(tmp)
-        named = write_error(tensor_path, err)
-        if named is err:
-            raise
-        raise named from err
+    # Serialised in memory, written as any file (the umask's mode: a shared cache stays
+    # readable) and hashed from the same bytes, not read back.
+    data = save({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()})
+    write_bytes(tensor_path, data)
+    checksum = hashlib.sha256(data).hexdigest()
     full = {"format_version": FORMAT_VERSION, "kind": kind, **dict(card),
             "versions": dict(card.get("versions") or library_versions()),
             "tensors_file": tensor_path.name, "tensors_sha256": checksum,
