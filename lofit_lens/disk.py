@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 from safetensors import SafetensorError
 
@@ -61,6 +61,15 @@ def write_error(path: str | Path, err: BaseException, fix: str = WRITE_FIX) -> B
     return OutputNotWritableError(f"Cannot write {path}: {why} ({detail}); {fix}")
 
 
+def raise_write_error(path: str | Path, err: BaseException, fix: str = WRITE_FIX) -> NoReturn:
+    """Raise ``err`` as ``OutputNotWritableError`` naming ``path`` when it is a full disk or a
+    read-only folder (chained to ``err``), else ``err`` itself. Call it in an ``except``."""
+    named = write_error(path, err, fix)
+    if named is err:
+        raise err
+    raise named from err
+
+
 def check_writable(folder: str | Path, need_bytes: int = 0, fix: str = WRITE_FIX) -> None:
     """Raise ``OutputNotWritableError`` unless a file can be written in ``folder`` (or, if it
     does not exist yet, in the folder it would be made in) and its disk has ``need_bytes``
@@ -77,10 +86,7 @@ def check_writable(folder: str | Path, need_bytes: int = 0, fix: str = WRITE_FIX
         with open(probe, "wb") as f:
             f.write(b"\0" * 4096)
     except OSError as err:
-        named = write_error(folder, err, fix)
-        if named is err:
-            raise
-        raise named from err
+        raise_write_error(folder, err, fix)
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()

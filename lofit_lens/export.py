@@ -44,7 +44,7 @@ from lofit_lens.backends.hf import EMBEDDED_MODELS, cache_dir, load_hf
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.errors import ModelMismatchError, ResultExistsError, UnsupportedModelError
 from lofit_lens.intervention import HeadIntervention
-from lofit_lens.disk import check_writable, discard, write_error
+from lofit_lens.disk import check_writable, discard, raise_write_error
 
 logger = logging.getLogger(__name__)
 
@@ -277,10 +277,7 @@ def write_folder(out: Path, write: Callable[[Path], None], overwrite: bool = Fal
             tmp.mkdir(parents=True)
             write(tmp)
         except OSError as err:  # a full disk or a read-only folder: named
-            named = write_error(out, err, OUT_FIX)
-            if named is err:
-                raise
-            raise named from err
+            raise_write_error(out, err, OUT_FIX)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         discard(tmp)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from lofit_lens.disk import discard, write_error
+from lofit_lens.disk import discard, raise_write_error
 from lofit_lens.errors import ArtifactError, OutputLockedError
 from lofit_lens.versions import library_versions
 
@@ -73,10 +73,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         os.replace(tmp, path)
     except BaseException as err:
         discard(tmp)
-        named = write_error(path, err)
-        if named is err:
-            raise
-        raise named from err
+        raise_write_error(path, err)
     return path
 
 
@@ -149,10 +146,7 @@ def _locked(folder: Path) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            named = write_error(folder, err)
-            if named is err:
-                raise
-            raise named from err
+            raise_write_error(folder, err)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from lofit_lens.disk import check_writable, discard, write_error
+from lofit_lens.disk import check_writable, discard, raise_write_error
 from lofit_lens.errors import (
     DeviceError, MissingPackageError, ModelNotFoundError, OutputNotWritableError,
 )
@@ -86,10 +86,7 @@ def _cache_write(tmp: Path) -> Iterator[Path]:
         yield tmp
     except BaseException as err:
         discard(tmp)
-        named = write_error(tmp, err, _cache_fix())
-        if named is err:
-            raise
-        raise named from err
+        raise_write_error(tmp, err, _cache_fix())
 
 
 @dataclass(frozen=True)
