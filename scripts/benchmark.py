@@ -375,7 +375,8 @@ def main_job_step2(bench: Bench, result_dir: str) -> dict:
                             config=dataclasses.replace(cfg, prefix_cache_mb=budget))
         seconds = time.perf_counter() - start
         metrics, _ = ll.evaluate(model, task, task.eval_examples("test", cfg.max_eval_examples),
-                                 tuned.intervention, progress=False)
+                                 tuned.intervention, cfg.eval_batch_size, progress=False,
+                                 max_batch_tokens=cfg.eval_batch_tokens)
         runs[label] = (seconds, tuned, metrics)
     (t_u, tuned_u, m_u), (t_c, tuned_c, m_c) = runs["uncached"], runs["cached"]
     l0 = tuned_c.history.frozen_prefix_layer
@@ -388,7 +389,7 @@ def main_job_step2(bench: Bench, result_dir: str) -> dict:
             "exact_match_uncached": m_u["exact_match"], "exact_match_cached": m_c["exact_match"]}
 
 
-def export_overhead(bench: Bench, name: str, repeats: int, new_tokens: int = 64) -> dict:
+def export_overhead(bench: Bench, repeats: int, new_tokens: int = 64) -> dict:
     """Per-token greedy decoding time of an exported LoFiT model (v folded into the o_proj
     biases) over the base HF model: same prompt, ``new_tokens`` forced, runs alternated."""
     from transformers import AutoModelForCausalLM
@@ -484,7 +485,7 @@ def main(argv=None) -> dict:
             **({"eval_vs_authors": eval_vs_authors(bench, args.result, args.reference_examples)}
                if args.result else {}),
             **({"main_job_step2": main_job_step2(bench, args.main_job)} if args.main_job else {}),
-            **({"export": export_overhead(bench, name, args.repeats)} if args.export else {}),
+            **({"export": export_overhead(bench, args.repeats)} if args.export else {}),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "machine": machine(bench.device), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         }
