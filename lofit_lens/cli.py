@@ -267,9 +267,12 @@ def cmd_run(args) -> int:
     if distributed.init_from_env():  # started by accelerate launch / torchrun
         args.device = args.device or distributed.process_device()
         try:
-            return _cmd_run(args) if distributed.is_main() else _cmd_run_worker(args)
-        finally:
-            distributed.shutdown()
+            code = _cmd_run(args) if distributed.is_main() else _cmd_run_worker(args)
+        except BaseException:
+            distributed.shutdown(finished=False)
+            raise
+        distributed.shutdown()
+        return code
     return _cmd_run(args)
 
 

@@ -81,8 +81,14 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group. ``finished``: this rank's work ended normally, so first wait
+    for every rank (a rank that left while another still ran collectives or saved could
+    die in gloo's teardown: "terminate called without an active exception"); after a
+    failure, leave at once."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

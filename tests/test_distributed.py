@@ -141,8 +141,10 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
         out = _train(model, task)
         if distributed.is_main():
             torch.save(out, Path(folder) / "ddp.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        distributed.shutdown(finished=False)
+        raise
+    distributed.shutdown()  # every rank waits for the others before leaving
 
 
 def _free_port() -> int:
