@@ -98,7 +98,12 @@ def _tiny(folder: Path):
         _convert_with_hf_config, _hooked_transformer_class, use_hooked_transformer,
     )
 
-    tok = char_tokenizer(folder / "tok")
+    if (folder / "tok").exists():  # written once by the parent: two ranks writing it race
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder / "tok")
+    else:
+        tok = char_tokenizer(folder / "tok")
     hf = tiny_llama(tok)
     if use_hooked_transformer():
         model = _convert_with_hf_config(_hooked_transformer_class(), hf, tok, "cpu",
