@@ -380,3 +380,20 @@ def test_cli_export_refusals_and_overwrite(result, tiny_folder, other_weights_fo
     assert main(["export", str(run), "--out", str(out), "--overwrite"]) == 0
     assert "with v on 3 heads" in capsys.readouterr().out
     assert not (out / "chat_template.jinja").exists() and (out / "config.json").is_file()
+
+
+def test_a_remembered_fingerprint_survives_a_move_but_not_an_edit():
+    """TL 3.x keeps the HF folder's fingerprint on its converted weights: moving them (new
+    storage, same bytes) keeps it; changing a weight gives the weights' own hash."""
+    from torch import nn
+
+    from lofit_lens.backends.fingerprint import model_fingerprint, remember_fingerprint, weights_sha256
+
+    module = nn.Linear(3, 2)
+    remember_fingerprint(module, "hf-folder-hash")
+    assert model_fingerprint(module) == "hf-folder-hash"
+    module.to(torch.float64).to(torch.float32)  # new storage, same bytes: as .to(device) does
+    assert model_fingerprint(module) == "hf-folder-hash"
+    with torch.no_grad():
+        module.weight[0, 0] += 1.0
+    assert model_fingerprint(module) == weights_sha256(module) != "hf-folder-hash"

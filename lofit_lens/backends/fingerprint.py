@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -58,23 +58,33 @@ def weights_sha256(module: nn.Module, dtype: Optional[torch.dtype] = None) -> st
     return digest.hexdigest()[:FINGERPRINT_CHARS]
 
 
+class _Memo(NamedTuple):
+    state: tuple  # the weights' storage and versions when ``value`` was kept
+    value: str  # the fingerprint
+    own: str  # ``weights_sha256`` of the model's own weights then (== value unless remembered)
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """``weights_sha256`` of a hooked model's weights, computed once per model and again
-    only after a weight was changed or replaced."""
-    cached = getattr(model, "_lofit_fingerprint", None)
-    if cached is not None and cached[0] == _weights_state(model):
-        return cached[1]
-    value = weights_sha256(_weights_module(model))
-    remember_fingerprint(model, value)
+    only after a weight was changed, replaced or moved. A fingerprint kept by
+    ``remember_fingerprint`` survives a move that leaves every weight's bytes as they were
+    (``model.to(device)``): the weights are hashed again and compared with their hash then."""
+    memo: Optional[_Memo] = getattr(model, "_lofit_fingerprint", None)
+    state = _weights_state(model)
+    if memo is not None and memo.state == state:
+        return memo.value
+    own = weights_sha256(_weights_module(model))
+    value = memo.value if memo is not None and memo.own == own else own
+    object.__setattr__(model, "_lofit_fingerprint", _Memo(state, value, own))
     return value
 
 
 def remember_fingerprint(model: nn.Module, value: str) -> nn.Module:
-    """Keep ``value`` as ``model``'s fingerprint while its weights stay as they are now; returns
-    ``model``. A TL
-    3.x ``HookedTransformer`` keeps that of the HF model it was converted from, so a run on
-    it is matched with the HF folder (``export``)."""
-    object.__setattr__(model, "_lofit_fingerprint", (_weights_state(model), value))
+    """Keep ``value`` as ``model``'s fingerprint while its weights hold the bytes they hold
+    now; returns ``model``. A TL 3.x ``HookedTransformer`` keeps that of the HF model it was
+    converted from, so a run on it is matched with the HF folder (``export``)."""
+    own = weights_sha256(_weights_module(model))
+    object.__setattr__(model, "_lofit_fingerprint", _Memo(_weights_state(model), value, own))
     return model
 
 
