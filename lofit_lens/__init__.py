@@ -6,42 +6,76 @@
     ll.plot_heads(result)
 """
 
-import os
+import importlib
+import sys
+import types
 
-# PyTorch's OpenMP threads spin-wait by default; with another process on the same cores a
-# step gets 4-5x slower. Must be set before torch starts its thread pool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Importing the package imports none of its modules (nor torch): a public name loads its
+# module on first use (PEP 562), so that ``lofit-lens`` can set up the process first
+# (``cli.main``: OMP_WAIT_POLICY, docs/gotchas.md "CPU threads").
+_PUBLIC = {  # module -> the public names it defines
+    "lofit_lens.api": "lofit",
+    "lofit_lens.methods.compare": "compare load_intervention",
+    "lofit_lens.methods.base": "Method MethodOptions MethodRun register_method",
+    "lofit_lens.methods.selectors": "register_selector",
+    "lofit_lens.selection_quality": "SelectionQuality selection_quality",
+    "lofit_lens.budgets": "BUDGETS budget_settings",
+    "lofit_lens.config": "LoFiTConfig",
+    "lofit_lens.doctor": "DoctorReport doctor",
+    "lofit_lens.errors": "ArtifactError BrokenEnvironmentError ConfigError LoFiTLensError "
+                         "OutputLockedError PromptTooLongError ResultExistsError "
+                         "SelectionQualityWarning TrainingDivergedError UnsupportedModelError",
+    "lofit_lens.history": "RunHistory RunTimings TrainingHistory",
+    "lofit_lens.eval.evaluate": "evaluate",
+    "lofit_lens.eval.generation": "generate",
+    "lofit_lens.analysis.cells": "head_selection random_selection",
+    "lofit_lens.analysis.granularity": "granularity_table layer_distribution layer_summary",
+    "lofit_lens.intervention": "HeadIntervention Intervention",
+    "lofit_lens.analysis.logit_lens": "bias_logit_lens",
+    "lofit_lens.backends.hf": "EMBEDDED_MODELS load_hf",
+    "lofit_lens.backends.hooked": "ModelDims model_dims model_id",
+    "lofit_lens.backends.models": "load_model",
+    "lofit_lens.analysis.overlap": "head_overlap paper_style_matrix",
+    "lofit_lens.analysis.plotting": "plot_heads plot_layer_distribution plot_overlap "
+                                    "plot_transfer plot_k_sweep plot_data_efficiency save_figure",
+    "lofit_lens.result": "LoFiTResult",
+    "lofit_lens.analysis.sweeps": "data_efficiency k_sweep",
+    "lofit_lens.tasks": "get_task list_tasks register_task",
+    "lofit_lens.training": "select_heads tune_biases",
+    "lofit_lens.analysis.transfer": "transfer_matrix",
+    "lofit_lens.analysis.claims": "ClaimsReport replicate_claims",
+    "lofit_lens.analysis.claim_figures": "ClaimFigures claim_figures",
+}
+_RENAMED = {"generate": "greedy_generate"}  # public name -> its name in its module
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names.split()}
 
-from lofit_lens.api import lofit  # noqa: E402
-from lofit_lens.baselines.compare import compare, load_intervention  # noqa: E402
-from lofit_lens.budgets import BUDGETS, budget_settings  # noqa: E402
-from lofit_lens.config import LoFiTConfig  # noqa: E402
-from lofit_lens.doctor import DoctorReport, doctor  # noqa: E402
-from lofit_lens.errors import (  # noqa: E402
-    ArtifactError, BrokenEnvironmentError, ConfigError, LoFiTLensError, OutputLockedError,
-    PromptTooLongError, ResultExistsError, TrainingDivergedError, UnsupportedModelError,
-)
-from lofit_lens.history import RunHistory, RunTimings, TrainingHistory  # noqa: E402
-from lofit_lens.eval.evaluate import evaluate  # noqa: E402
-from lofit_lens.eval.generation import greedy_generate as generate  # noqa: E402
-from lofit_lens.analysis.cells import head_selection, random_selection  # noqa: E402
-from lofit_lens.analysis.granularity import granularity_table, layer_distribution, layer_summary  # noqa: E402
-from lofit_lens.intervention import HeadIntervention, Intervention  # noqa: E402
-from lofit_lens.analysis.logit_lens import bias_logit_lens  # noqa: E402
-from lofit_lens.backends.hf import EMBEDDED_MODELS, load_hf  # noqa: E402
-from lofit_lens.backends.hooked import ModelDims, model_dims, model_id  # noqa: E402
-from lofit_lens.backends.models import load_model  # noqa: E402
-from lofit_lens.analysis.overlap import head_overlap, paper_style_matrix  # noqa: E402
-from lofit_lens.analysis.plotting import (  # noqa: E402
-    plot_heads, plot_layer_distribution, plot_overlap, plot_transfer, save_figure,
-)
-from lofit_lens.result import LoFiTResult  # noqa: E402
-from lofit_lens.analysis.sweeps import data_efficiency, k_sweep  # noqa: E402
-from lofit_lens.tasks import get_task, list_tasks, register_task  # noqa: E402
-from lofit_lens.training import select_heads, tune_biases  # noqa: E402
-from lofit_lens.analysis.transfer import transfer_matrix  # noqa: E402
-from lofit_lens.analysis.claims import ClaimsReport, replicate_claims  # noqa: E402
-from lofit_lens.analysis.claim_figures import ClaimFigures, claim_figures  # noqa: E402
+
+def _load(name: str):
+    value = getattr(importlib.import_module(_MODULE_OF[name]), _RENAMED.get(name, name))
+    globals()[name] = value  # later reads find it without __getattr__
+    return value
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _load(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Loading the submodule lofit_lens.doctor binds it to the package as ``doctor``:
+        # the public function keeps that name.
+        if name in _MODULE_OF and isinstance(value, types.ModuleType):
+            value = _load(name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __version__ = "0.2.0"
 
@@ -56,4 +90,7 @@ __all__ = [
     "PromptTooLongError", "ResultExistsError", "TrainingDivergedError", "UnsupportedModelError",
     "head_selection", "random_selection", "ModelDims", "model_dims", "model_id", "BUDGETS",
     "budget_settings", "ClaimsReport", "replicate_claims", "ClaimFigures", "claim_figures",
+    "plot_k_sweep", "plot_data_efficiency", "Method", "MethodOptions", "MethodRun",
+    "register_method", "register_selector", "SelectionQuality", "selection_quality",
+    "SelectionQualityWarning",
 ]

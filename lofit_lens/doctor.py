@@ -35,7 +35,7 @@ from lofit_lens.backends.hooked import (
     hf_tokenizer, model_device, model_dims, model_id, uses_bridge,
 )
 from lofit_lens.backends.plain import plain_runner, plain_view
-from lofit_lens.batching import collate, pad_id
+from lofit_lens.padding import collate, pad_id
 from lofit_lens.errors import GOTCHAS, BrokenEnvironmentError
 from lofit_lens.eval.generation import greedy_steps
 from lofit_lens.intervention import HeadIntervention
@@ -252,7 +252,7 @@ def _generation(model, batch_size: int, intervened: bool = False,
 def _shared_prefix_generation(model) -> tuple[str, str]:
     """A batch whose prompts start alike (their common tokens run once) against a full forward
     of each prompt + its generated tokens."""
-    from lofit_lens.eval.generation import batch_rows
+    from lofit_lens.padding import batch_rows
 
     if not uses_bridge(model):
         return "pass", "not used here (TL 3.x generates one prompt at a time)"

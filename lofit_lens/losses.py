@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.batching import TokenBatch
+from lofit_lens.padding import TokenBatch
 from lofit_lens.backends.hooked import Prefix, logits_at
 
 

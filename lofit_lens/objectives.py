@@ -18,11 +18,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.batching import (
-    Pair, TokenBatch, check_fits, collate, context_length, encode_pair, pad_id,
-)
+from lofit_lens.batching import check_fits, context_length
 from lofit_lens.backends.hooked import Prefix, check_hooked_model, hf_tokenizer, model_device
 from lofit_lens.losses import dpo_loss, sequence_logprobs, sft_loss
+from lofit_lens.padding import Pair, TokenBatch, collate, encode_pair, pad_id
 from lofit_lens.prefix import PrefixStore
 from lofit_lens.tasks.base import PreferenceExample, ProtocolName, SFTExample, TrainingExample
 

@@ -31,7 +31,7 @@ from lofit_lens.backends.hooked import (
     Prefix, model_device, model_dims, residual_entering, supports_prefix,
 )
 from lofit_lens.tolerance import logit_tolerance, model_dtype
-from lofit_lens.batching import Pair, collate
+from lofit_lens.padding import Pair, collate
 
 logger = logging.getLogger(__name__)
 

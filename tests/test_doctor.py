@@ -112,14 +112,15 @@ def test_doctor_fails_when_padding_is_attended(tiny_model_each_dtype, monkeypatc
     """Left padding that the attention mask does not hide changes the batched rows."""
     if not uses_bridge(tiny_model_each_dtype):
         pytest.skip("TL 3.x generates one unpadded prompt at a time")
-    from lofit_lens.batching import left_pad
-    from lofit_lens.eval import generation
+    from lofit_lens import padding
+
+    left_pad = padding.left_pad
 
     def unmasked(rows, pad):
         tokens, mask = left_pad(rows, pad)
         return tokens, torch.ones_like(mask)
 
-    monkeypatch.setattr(generation, "left_pad", unmasked)
+    monkeypatch.setattr(padding, "left_pad", unmasked)  # what padding.batch_rows calls
     assert BATCHED in _failed(tiny_model_each_dtype)
 
 

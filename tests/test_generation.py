@@ -68,7 +68,7 @@ def test_a_shared_start_runs_once_and_changes_nothing(tiny_model):
 
 
 def test_batch_rows_shares_only_a_common_start_that_leaves_each_row_a_token():
-    from lofit_lens.eval.generation import SHARED_PREFIX_MIN, batch_rows
+    from lofit_lens.padding import SHARED_PREFIX_MIN, batch_rows
 
     tokens, mask, shared = batch_rows([[5, 6, 7, 8, 9, 1], [5, 6, 7, 8, 9, 2, 3]], pad=0)
     assert shared == 5

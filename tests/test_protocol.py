@@ -14,10 +14,9 @@ import torch
 
 import lofit_lens as ll
 from lofit_lens.eval.mc_scoring import mc_metrics
-from lofit_lens.baselines.iti import (
-    Probes, end_q_statements, fit_probes, honest_llama_answer_offset, iti_intervention,
-)
-from lofit_lens.batching import encode_pair
+from lofit_lens.methods.iti import honest_llama_answer_offset, iti_intervention
+from lofit_lens.methods.probes import Probes, end_q_statements, fit_probes
+from lofit_lens.padding import encode_pair
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.backends.hooked import hf_tokenizer, model_dims
 from lofit_lens.intervention import HeadIntervention

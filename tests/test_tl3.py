@@ -258,7 +258,7 @@ class _TokenSFT:
         return len(self.pairs)
 
     def loss(self, model, indices):
-        from lofit_lens.batching import collate
+        from lofit_lens.padding import collate
         from lofit_lens.losses import sft_loss
 
         return sft_loss(model, collate([self.pairs[i] for i in indices], pad=0))

@@ -55,12 +55,6 @@ def new_cache(hf_model):
     return DynamicCache(config=hf_model.config)
 
 
-def left_pad_positions(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
-    """Position ids of left-padded rows: 0 at each row's first real token (as HF's
-    ``generate`` computes them); pads get 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def _alias_cache(module, args, kwargs):
     if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
         kwargs = {**kwargs, "past_key_values": kwargs["cache"]}
@@ -147,7 +141,7 @@ def hf_greedy_generate(model, tokens: Int[Tensor, "batch pos"],
 
     Rows stop at EOS (unless ``stop_at_eos`` is off) or once their text holds a stop string;
     finished rows are padded. ``shared_prefix``: the first that many columns are the same
-    tokens in every row (``eval.generation.batch_rows``): they run once, as one row, and
+    tokens in every row (``lofit_lens.padding.batch_rows``): they run once, as one row, and
     generation continues from their cache repeated over the batch.
     """
     from transformers import StoppingCriteriaList

@@ -4,7 +4,8 @@ Prompts are tokenised as the HF tokenizer does, sorted by length so that batches
 little padding, left-padded with an explicit attention mask, and decoded greedily by HF's
 own ``generate`` (``lofit_lens.backends.hf_cache``). The tokens all prompts of a batch start
 with (an instruction, few-shot examples) run once and their KV cache serves every row
-(``batch_rows``). A batch ends as soon as every row has produced EOS or a stop string.
+(``lofit_lens.padding.batch_rows``). A batch ends as soon as every row has produced EOS or a
+stop string.
 
 A prompt whose tokens plus ``max_new_tokens`` exceed the model's context (``cfg.n_ctx``) is
 cut from the left first (``lofit_lens.batching.fit_prompt``; ``truncated`` reports which).
@@ -16,15 +17,13 @@ import logging
 from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lofit_lens.batching import (
-    EVAL_BATCH_TOKENS, context_length, encode_prompt, fit_prompt, left_pad, pad_id, token_batches,
-)
+from lofit_lens.batching import EVAL_BATCH_TOKENS, context_length, fit_prompt, token_batches
 from lofit_lens.backends.hf_cache import hf_greedy_generate
 from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
+from lofit_lens.padding import batch_rows, encode_prompt, pad_id
 
 logger = logging.getLogger(__name__)
 
@@ -91,30 +90,6 @@ def greedy_generate(
         bar.update(len(rows))
     bar.close()
     return outputs
-
-
-SHARED_PREFIX_MIN = 4
-"""A batch whose prompts all start with at least this many equal tokens runs them once."""
-
-
-def batch_rows(rows: Sequence[list[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], int]:
-    """Prompts as one generation batch: ``(tokens, attention_mask, shared)``. The first
-    ``shared`` columns hold the tokens every row starts with (at least ``SHARED_PREFIX_MIN``,
-    else none: 0), and each row's own tokens follow them left-padded, so that every row's last
-    token is at position -1. Positions count real tokens only (``attention_mask``), so a row
-    reads the same positions as it would alone."""
-    shared = 0
-    if len(rows) > 1:
-        longest = min(len(r) for r in rows) - 1  # each row keeps a token of its own
-        while shared < longest and all(r[shared] == rows[0][shared] for r in rows):
-            shared += 1
-        shared = shared if shared >= SHARED_PREFIX_MIN else 0
-    tokens, attention = left_pad([r[shared:] for r in rows], pad)
-    if shared:
-        head = torch.tensor(rows[0][:shared]).expand(len(rows), shared)
-        tokens = torch.cat([head, tokens], dim=1)
-        attention = torch.cat([torch.ones(len(rows), shared, dtype=attention.dtype), attention], dim=1)
-    return tokens, attention, shared
 
 
 def _generate_rows(model, rows: list[list[int]], max_new_tokens: int,

@@ -17,21 +17,20 @@ import logging
 from typing import Optional, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lofit_lens.batching import (
-    EVAL_BATCH_TOKENS, Pair, collate, context_length, drop_left, encode_pair, encode_prompt,
-    left_pad, pad_id, token_batches,
-)
-from lofit_lens.backends.hf_cache import (
-    decoding_model, forward_with_cache, last_logits_only, left_pad_positions, new_cache,
-)
+from lofit_lens.batching import EVAL_BATCH_TOKENS, context_length, drop_left, token_batches
+from lofit_lens.backends.hf_cache import decoding_model, forward_with_cache, last_logits_only, new_cache
 from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
 from lofit_lens.errors import PromptTooLongError
 from lofit_lens.losses import sequence_logprobs
 from lofit_lens.eval.positions import answer_index_from_mask, answer_positions
+from lofit_lens.padding import (
+    Pair, collate, encode_pair, encode_prompt, left_pad, left_pad_positions, pad_id,
+    positions_after, right_pad,
+)
 from lofit_lens.tasks.base import ChoiceExample, ProtocolName
 
 Ids = list[int]
@@ -159,12 +158,9 @@ def _score_group(model, group: list[int], prompts: list[Ids], answers: list[list
     tokens, mask = (t.to(device) for t in left_pad([prompts[i] for i in group], pad))
     counts = torch.tensor([len(answers[i]) for i in group], device=device)
     owner = torch.repeat_interleave(torch.arange(len(group), device=device), counts)  # [n]
-    ans_tokens, ans_mask = (t.to(device) for t in _right_pad([a for i in group for a in answers[i]], pad))
+    ans_tokens, ans_mask = (t.to(device) for t in right_pad([a for i in group for a in answers[i]], pad))
     # Answer position j sits right after its prompt's last real token.
-    ans_positions = mask.sum(-1)[owner, None] + torch.arange(ans_tokens.shape[1], device=device)
-    n_ctx = context_length(model)
-    if n_ctx is not None:  # padding after a short answer must not index past n_ctx (GPT-2)
-        ans_positions = ans_positions.clamp(max=n_ctx - 1)
+    ans_positions = positions_after(mask, ans_tokens.shape[1], context_length(model))[owner]
     with decoding_model(model) as hf_model:
         cache = new_cache(hf_model)
         with answer_positions(torch.full_like(tokens, -1)):
@@ -181,16 +177,6 @@ def _score_group(model, group: list[int], prompts: list[Ids], answers: list[list
     for i, part in zip(group, flat.split(counts.tolist())):
         scores[i] = part
     bar.update(len(flat))
-
-
-def _right_pad(rows: list[Ids], pad: int) -> tuple[Int[Tensor, "row pos"], Int[Tensor, "row pos"]]:
-    width = max(map(len, rows))
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, ids in enumerate(rows):
-        tokens[r, :len(ids)] = torch.tensor(ids)
-        mask[r, :len(ids)] = 1
-    return tokens, mask
 
 
 def mc_metrics(scores: Float[Tensor, " choice"], correct: Sequence[int]) -> dict[str, float]:
