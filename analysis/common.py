@@ -30,12 +30,11 @@ from typing import Any, Optional, Sequence
 import pandas as pd
 import torch
 
-from lofit_lens.budgets import BUDGETS, budget_help, get_budget
-from lofit_lens.config import LoFiTConfig, add_config_arguments, config_overrides
-from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.analysis.plotting import save_figure
-from lofit_lens.errors import ConfigError
-from lofit_lens.result import LoFiTResult
+from lofit_lens import (
+    BUDGETS, ConfigError, LoFiTConfig, LoFiTResult, model_dims, model_id, save_figure,
+)
+from lofit_lens.budgets import budget_help, get_budget
+from lofit_lens.config import add_config_arguments, config_overrides
 from lofit_lens.analysis.cells import selection_result
 from lofit_lens.analysis.sweeps import SelectionItem, run_item
 from lofit_lens.executors import get_executor, set_default_executor

@@ -36,8 +36,9 @@ from typing import Optional, Sequence
 
 from analysis.run_claims import add_design_arguments, design_options
 from analysis.common import RunLog, TASKS, load, parser, write_figure
-from lofit_lens.analysis.claim_figures import FRACTIONS, SIZES, ClaimFigures, claim_figures
-from lofit_lens.analysis.claims import DEFAULT_SELECTION_TASKS
+from lofit_lens import ClaimFigures, claim_figures
+from lofit_lens.analysis.claim_figures import FRACTIONS, SIZES
+from lofit_lens.analysis.claims_data import DEFAULT_SELECTION_TASKS
 from lofit_lens.store import slug
 
 MODULE = "draw_claim_figures"

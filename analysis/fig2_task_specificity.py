@@ -30,9 +30,9 @@ from analysis.common import (
     PAPER_MODELS, PAPER_NAMES, RunLog, default_paper_numbers, load, paper_numbers, parser,
     run_options, write_figure, write_table,
 )
-from lofit_lens.backends.hooked import model_dims
+from lofit_lens import model_dims, transfer_matrix
+from lofit_lens.analysis.transfer import RANDOM, TransferResult
 from lofit_lens.store import slug
-from lofit_lens.analysis.transfer import RANDOM, TransferResult, transfer_matrix
 
 MODULE = "task_specificity"
 PAPER_COLUMNS = ("truthfulqa", "mquake", "clutrr")

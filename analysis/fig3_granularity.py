@@ -27,10 +27,9 @@ from analysis.common import (
     PAPER_NAMES, RunLog, default_paper_numbers, head_sets, load, paper_numbers, parser,
     write_figure, write_table,
 )
-from lofit_lens.config import LoFiTConfig
-from lofit_lens.analysis.granularity import granularity_table, layer_distribution
-from lofit_lens.analysis.plotting import plot_layer_distribution
-from lofit_lens.result import LoFiTResult
+from lofit_lens import (
+    LoFiTConfig, LoFiTResult, granularity_table, layer_distribution, plot_layer_distribution,
+)
 
 MODULE = "granularity"
 

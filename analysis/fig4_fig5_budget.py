@@ -27,9 +27,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from analysis.common import BUDGETS, RunLog, load, parser, run_options, write_figure, write_table
-from lofit_lens.backends.hooked import model_dims
-from lofit_lens.analysis.plotting import plot_data_efficiency, plot_k_sweep
-from lofit_lens.analysis.sweeps import data_efficiency, k_sweep
+from lofit_lens import data_efficiency, k_sweep, model_dims, plot_data_efficiency, plot_k_sweep
 
 MODULE = "budget"
 

@@ -30,10 +30,9 @@ from analysis.common import (
     PAPER_MODELS, PAPER_NAMES, RunLog, default_paper_numbers, head_sets, load, paper_numbers,
     parser, write_figure, write_table,
 )
-from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.analysis.overlap import OverlapReport, head_overlap, paper_style_matrix
-from lofit_lens.analysis.plotting import plot_overlap
+from lofit_lens import head_overlap, model_dims, model_id, paper_style_matrix, plot_overlap
 from lofit_lens.analysis.cells import random_result
+from lofit_lens.analysis.overlap import OverlapReport
 from lofit_lens.store import slug
 
 MODULE = "head_similarity"

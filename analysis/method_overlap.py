@@ -4,7 +4,7 @@ Per model and task, four scores for every head, each the one its method ranks he
 
 * ``lofit``: ||A|| after LoFiT's step 1 (the shared cache of the figure modules);
 * ``jola``: P(head edited) = 1 - (1 - P_A)(1 - P_v) from JoLA's gates, after its one-stage
-  training (``lofit_lens.baselines.jola``; ``epochs_bias`` epochs at ``lr_select``, l0
+  training (``lofit_lens.methods.jola``; ``epochs_bias`` epochs at ``lr_select``, l0
   weight ``--jola-l0-lambda``);
 * ``iti``: the validation accuracy of ITI's per-head probe (honest_llama's splits on
   TruthfulQA under the official protocol, else a 4:1 split of the training questions);
@@ -37,22 +37,19 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from analysis.common import RunLog, load, parser, run_options, write_figure, write_table
 from lofit_lens.analysis.cells import cached_record, cached_selection
 from lofit_lens.analysis.overlap import head_overlap
-from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.baselines.base import BaselineOptions
-from lofit_lens.baselines.iti import fit_probes, head_activations, statements
-from lofit_lens.baselines.jola import spearman, train_jola
+from lofit_lens.analysis.plotting import plot_method_overlap
+from lofit_lens.backends.hooked import model_dims
+from lofit_lens.methods.jola import JoLAOptions, spearman, train_jola
+from lofit_lens.methods.probes import fit_probes, head_activations, statements
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.intervention import top_heads
 from lofit_lens.result import LoFiTResult
-from lofit_lens.run_settings import STEP2_FIELDS, step_settings
-from lofit_lens.store import slug
+from lofit_lens.run_settings import phase_settings
 from lofit_lens.tasks.base import Task
 from lofit_lens.tasks.truthfulqa import TruthfulQA
 from lofit_lens.training import TrainingSet, resolve_run, tune_biases
@@ -64,32 +61,32 @@ Scores = torch.Tensor
 
 
 # ---------------------------------------------------------------------- the four scores
-def _cached_scores(cache: Path, model, task: Task, cfg: LoFiTConfig, name: str, fields,
+def _cached_scores(cache: Path, model, task: Task, cfg: LoFiTConfig, name: str,
                    extra: dict, compute: Callable[[], tuple[Scores, dict]]) -> tuple[Scores, dict]:
-    folder = cache / slug(model_id(model)) / slug(task.name) / f"s{cfg.seed}" / "method_scores"
-    settings = {**step_settings(model, task, cfg, fields), **extra}
+    """``name``'s head scores as a phase of the engine's store in ``cache``."""
+    settings = phase_settings("method", model, task, cfg, method=f"{name} head scores", **extra)
 
     def run() -> tuple[dict, dict]:
         scores, record = compute()
         return record, {"scores": scores.float()}
 
-    record = cached_record(folder, name, settings, run)
+    record = cached_record(cache, f"scores-{name}", settings, run)
     return torch.tensor(record["scores"]), record
 
 
-def jola_scores(model, task, cfg, cache, data, options: BaselineOptions, progress):
+def jola_scores(model, task, cfg, cache, data, options: JoLAOptions, progress):
     def compute():
         start = time.perf_counter()
-        jola, _, initial = train_jola(model, task, cfg, l0_lambda=options.jola_l0_lambda,
-                                      lr=options.jola_lr, progress=progress, data=data())
+        jola, _, initial = train_jola(model, task, cfg, l0_lambda=options.l0_lambda,
+                                      lr=options.lr, progress=progress, data=data())
         scores = jola.head_scores()
         return scores, {"seconds": time.perf_counter() - start,
                         "jola_vs_init": spearman(scores, initial),
                         "edited_heads": len(jola.active_heads)}
 
-    return _cached_scores(cache, model, task, cfg, "jola", STEP2_FIELDS,
-                          {"l0_lambda": options.jola_l0_lambda,
-                           "jola_lr": options.jola_lr or cfg.lr_select, "epochs": cfg.epochs_bias},
+    return _cached_scores(cache, model, task, cfg, "jola",
+                          {"l0_lambda": options.l0_lambda,
+                           "jola_lr": options.lr or cfg.lr_select, "epochs": cfg.epochs_bias},
                           compute)
 
 
@@ -112,7 +109,7 @@ def iti_scores(model, task, cfg, cache, progress):
         return probes.accuracy, {"seconds": time.perf_counter() - start,
                                  "statements": len(found.pairs)}
 
-    return _cached_scores(cache, model, task, cfg, "iti", ("seed", "protocol"), {}, compute)
+    return _cached_scores(cache, model, task, cfg, "iti", {}, compute)
 
 
 def bias_scores(model, task, cfg, cache, data, progress):
@@ -125,12 +122,10 @@ def bias_scores(model, task, cfg, cache, data, progress):
         tuning = tune_biases(model, task, None, progress=progress, data=data(), config=step1)
         return tuning.intervention.bias_norms(), {"seconds": time.perf_counter() - start}
 
-    fields = tuple(f for f in STEP2_FIELDS if f not in ("epochs_bias", "lr_bias"))
-    return _cached_scores(cache, model, task, cfg, "bias_based",
-                          fields + ("epochs_select", "lr_select"), {}, compute)
+    return _cached_scores(cache, model, task, cfg, "bias_based", {}, compute)
 
 
-def method_scores(model, task: Task, cfg: LoFiTConfig, cache: Path, options: BaselineOptions,
+def method_scores(model, task: Task, cfg: LoFiTConfig, cache: Path, options: JoLAOptions,
                   progress: bool) -> tuple[dict[str, Scores], dict[str, dict]]:
     """``({method: [layer, head] scores}, {method: what its run recorded})``."""
     data = functools.cache(functools.partial(TrainingSet.build, model, task, cfg))
@@ -174,38 +169,10 @@ def overlap_rows(scores: dict[str, Scores], cfg: LoFiTConfig, model_name: str, t
 
 
 def figure(pairs: pd.DataFrame, fraction: float, models: Sequence[str],
-           tasks: Sequence[str]) -> go.Figure:
-    """Jaccard heatmaps (rows: models, columns: tasks) at K = ``fraction``, cells "J (p)"."""
-    titles = []
-    for m in models:
-        for t in tasks:
-            mine = pairs[(pairs.model == m) & (pairs.task == t)]
-            k = int(mine.k.iloc[0]) if len(mine) else 0
-            n = int(mine.n_heads.iloc[0]) if len(mine) else 0
-            titles.append(f"{m} / {t}: K={k} of {n} (random {k / n if n else 0:.2f})")
-    fig = make_subplots(rows=len(models), cols=len(tasks), subplot_titles=titles,
-                        horizontal_spacing=0.08, vertical_spacing=0.14)
-    for r, m in enumerate(models, 1):
-        for c, t in enumerate(tasks, 1):
-            mine = pairs[(pairs.model == m) & (pairs.task == t)]
-            z = np.full((len(METHODS), len(METHODS)), np.nan)
-            text = np.full(z.shape, "", dtype=object)
-            for _, row in mine.iterrows():
-                i, j = METHODS.index(row.method_i), METHODS.index(row.method_j)
-                for a, b in ((i, j), (j, i)):
-                    z[a, b] = row.jaccard
-                    text[a, b] = f"{row.jaccard:.2f}" + ("" if a == b else f"<br>p={row.p_value:.2g}")
-            fig.add_trace(go.Heatmap(z=z, x=list(METHODS), y=list(METHODS), text=text,
-                                     texttemplate="%{text}", zmin=0, zmax=1,
-                                     colorscale="Blues", showscale=(r == 1 and c == 1),
-                                     hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"),
-                          row=r, col=c)
-            fig.update_yaxes(autorange="reversed", row=r, col=c)
-    fig.update_annotations(font_size=11)
-    fig.update_layout(title=f"Top-K head overlap across methods (Jaccard |Ti & Tj| / K), "
-                            f"K = {fraction:.0%} of the heads",
-                      height=330 * len(models) + 80, width=360 * len(tasks) + 80)
-    return fig
+           tasks: Sequence[str]):
+    """Jaccard heatmaps of ``METHODS`` (rows: models, columns: tasks) at K = ``fraction``,
+    cells "J (p)" (``plotting.plot_method_overlap``)."""
+    return plot_method_overlap(pairs, fraction, models, tasks, METHODS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -213,9 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ks", type=float, nargs="+", default=list(DEFAULT_KS),
                    help="head fractions (or counts >= 1) at which the top-K sets are compared "
                         "(default 0.03 0.1)")
-    p.add_argument("--jola-l0-lambda", type=float, default=BaselineOptions.jola_l0_lambda)
+    p.add_argument("--jola-l0-lambda", type=float, default=JoLAOptions.l0_lambda)
     args = p.parse_args(argv)
-    options = BaselineOptions(jola_l0_lambda=args.jola_l0_lambda)
+    options = JoLAOptions(l0_lambda=args.jola_l0_lambda)
     log = RunLog(MODULE, args)
     overrides, per_task = run_options(args)
     all_pairs, all_scores, records = [], [], {}

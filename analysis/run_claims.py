@@ -31,9 +31,8 @@ import time
 from typing import Optional, Sequence, Union
 
 from analysis.common import RunLog, TASKS, load, parser
-from lofit_lens.analysis.claims import (
-    DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, ClaimsReport, replicate_claims,
-)
+from lofit_lens import ClaimsReport, replicate_claims
+from lofit_lens.analysis.claims_data import DEFAULT_SELECTION_TASKS, DEFAULT_TASKS
 from lofit_lens.config import config_overrides
 from lofit_lens.store import slug
 

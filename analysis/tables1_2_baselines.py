@@ -24,7 +24,7 @@ import pandas as pd
 import lofit_lens as ll
 from analysis.common import default_paper_numbers, paper_numbers
 from lofit_lens.backends.hooked import model_dims
-from lofit_lens.baselines.compare import compare
+from lofit_lens.methods.compare import compare
 from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 
 METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")

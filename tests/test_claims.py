@@ -1,8 +1,10 @@
-"""lofit_lens.analysis.claims: the whole pipeline on the tiny model (seconds), its test
-subsets, the head-set statistics and the verdict rules."""
+"""lofit_lens.analysis.claims (with claims_data, claims_tests, claims_report): the whole
+pipeline on the tiny model (seconds), its test subsets, the head-set statistics and the
+verdict rules."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -11,12 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-from lofit_lens.analysis import cells as run_cache
-from lofit_lens.analysis import claims
+from lofit_lens import stats
 from lofit_lens.analysis.claim_figures import ClaimFigures, claim_figures
-from lofit_lens.analysis.claims import (
-    COLUMNS, band_test, band_width, finish_family, overlap_test, replicate_claims, seed_subsets,
-)
+from lofit_lens.analysis.claims import replicate_claims
+from lofit_lens.analysis.claims_data import seed_subsets
+from lofit_lens.analysis.claims_report import COLUMNS
+from lofit_lens.analysis.claims_tests import band_test, band_width, finish_family, overlap_test
+from lofit_lens.methods import METHODS
 from lofit_lens.training import resolve_run
 
 torch.set_num_threads(1)
@@ -95,7 +98,7 @@ def test_verdicts_follow_the_corrected_p_values(report):
 def test_holm_families(report):
     result, _ = report
     for (claim, _), family in result.details.groupby(["claim", "model"]):
-        adjusted = claims.stats.holm(family["p"].to_list())
+        adjusted = stats.holm(family["p"].to_list())
         np.testing.assert_allclose(family["p_holm"], adjusted)
         assert (family["family_size"] == len(family)).all()
 
@@ -132,10 +135,10 @@ def test_rerun_reads_every_cell_from_the_cache(report, tiny_model, task_paths, m
     def no_training(*args, **kwargs):
         raise AssertionError("a cached cell was trained again")
 
-    monkeypatch.setattr("lofit_lens.phases.select_heads", no_training)
-    monkeypatch.setattr(run_cache, "tune_biases", no_training)
-    monkeypatch.setattr(claims, "tune_biases", no_training)
-    monkeypatch.setattr(claims, "get_method", no_training)
+    monkeypatch.setattr("lofit_lens.engine.select_heads", no_training)
+    monkeypatch.setattr("lofit_lens.engine.tune_biases", no_training)
+    monkeypatch.setattr("lofit_lens.engine.evaluate", no_training)
+    monkeypatch.setitem(METHODS, "iti", dataclasses.replace(METHODS["iti"], run=no_training))
     again = replicate_claims(tiny_model, tasks=[task_paths["say"], task_paths["pick"]],
                              selection_tasks=[task_paths["succ"]], budget="smoke", seeds=(0, 1, 2),
                              cache_dir=cache, k=3, n_bootstrap=200, n_permutations=2000,
@@ -202,7 +205,7 @@ def test_finish_family_underpowered_and_supported():
     ]
     out = finish_family(rows)
     assert out[0]["verdict"].startswith("underpowered (n ≈") and out[0]["n_needed_holm"] > 60
-    assert out[0]["n_needed_holm"] == claims.stats.mcnemar_n_needed(0.1, 0.05, 0.05 / 3)
+    assert out[0]["n_needed_holm"] == stats.mcnemar_n_needed(0.1, 0.05, 0.05 / 3)
     assert out[1]["verdict"] == "supported" and out[1]["p_holm"] == pytest.approx(3e-6)
     assert out[2]["verdict"] == "not supported" and out[2]["n_needed_holm"] == math.inf
 
@@ -261,7 +264,7 @@ def test_claim_figures_tests_and_holm(report, figures):
     transfer = figures.transfer[figures.transfer["seed"] == "pooled"]
     tested = transfer[transfer["source"] != transfer["task"]]
     assert len(tested) == 2 * 3 and (tested["reference"] != "").all()
-    np.testing.assert_allclose(tested["p_holm"], claims.stats.holm(tested["p"].to_list()))
+    np.testing.assert_allclose(tested["p_holm"], stats.holm(tested["p"].to_list()))
     for _, row in tested[tested["source"].isin(["say", "pick"])].iterrows():  # the claims' own p
         assert row["p"] == pytest.approx(
             details.loc[f"{row['task']} heads > {row['source']} heads on {row['task']}", "p"])
@@ -272,7 +275,7 @@ def test_claim_figures_tests_and_holm(report, figures):
         points = pooled[(pooled["method"] == "lofit") & (pooled["reference"] != "")]
         assert set(points["reference"]) == {reference}
         assert len(points) == 2 * (len(frame[frame["method"] == "lofit"]["k" if reference == "K=3" else "size"].unique()) - 1)
-        np.testing.assert_allclose(points["p_holm"], claims.stats.holm(points["p"].to_list()))
+        np.testing.assert_allclose(points["p_holm"], stats.holm(points["p"].to_list()))
         assert len(frame[frame["seed"] != "pooled"]) == 3 * len(pooled)  # per-seed rows too
 
 

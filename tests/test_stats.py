@@ -1,4 +1,4 @@
-"""lofit_lens.analysis.stats against hand computations, scipy and simulation."""
+"""lofit_lens.stats against hand computations, scipy and simulation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, hypergeom, norm
 
-from lofit_lens.analysis import stats
-from lofit_lens.analysis.stats import paired_bootstrap_p
+from lofit_lens import stats
+from lofit_lens.analysis.overlap import jaccard_stability
+from lofit_lens.stats import paired_bootstrap_p
 
 
 def pairs(n11: int, n10: int, n01: int, n00: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,13 +170,13 @@ def test_holm_is_at_least_the_raw_p_and_at_most_bonferroni():
 # ---------------------------------------------------------------------- head sets
 def test_jaccard_stability_by_hand():
     sets = [[(0, 0), (0, 1)], [(0, 0), (1, 1)], [(0, 0), (0, 1)]]
-    result = stats.jaccard_stability(sets, n_layers=2, n_heads=4)
+    result = jaccard_stability(sets, n_layers=2, n_heads=4)
     assert result.n_pairs == 3
     assert result.jaccard == pytest.approx((0.5 + 1.0 + 0.5) / 3)
     assert result.expected_random == pytest.approx(2 * 2 / (8 * 2))
     # pair (set 0, set 1) meets in 1 head: P(X >= 1), X ~ Hypergeom(8, 2, 2)
     assert result.p_values[0] == pytest.approx(hypergeom.sf(0, 8, 2, 2))
-    assert math.isnan(stats.jaccard_stability(sets[:1], 2, 4).jaccard)
+    assert math.isnan(jaccard_stability(sets[:1], 2, 4).jaccard)
 
 
 # ---------------------------------------------------------------------- power
@@ -227,7 +228,7 @@ def test_verdict_follows_corrected_p_and_power():
 
 # ---------------------------------------------------------------------- compare's intervals
 def test_summary_table_intervals():
-    from lofit_lens.baselines.compare import markdown_table, summary_table
+    from lofit_lens.methods.compare import markdown_table, summary_table
 
     cells = [{"method": "lofit", "split": "test", "fold": None, "seed": s, "params": 512,
               "seconds": 1.0, "metrics": {"test": {"exact_match": v, "n": 10}}}

@@ -1,8 +1,8 @@
 """Fig. 2, 4 and 5 with 95% confidence intervals, from the cells of the claims.
 
 ``claim_figures(model, ...)`` uses the design of ``claims.replicate_claims``: every seed has
-its own training sample and its own disjoint random test subset (``claims.claim_runs``), and
-every cell is a cached ``claims.claim_cell``. With the same budget, seeds and cache, the
+its own training sample and its own disjoint random test subset (``claims_data.claim_runs``),
+and every cell is a cached ``claims_data.claim_cell``. With the same budget, seeds and cache, the
 claims' cells are read back, not recomputed: the same-task, random-heads and other-task cells
 of Fig. 2, and the budget's K and training size in Fig. 4/5. Per-example outcomes are pooled
 over seeds (every pair in a test is a distinct example, compared within its seed):
@@ -16,10 +16,12 @@ over seeds (every pair in a test is a distinct example, compared within its seed
 * ``data_efficiency`` (Fig. 4): both steps on ``n`` training examples, for each ``n``, at the
   budget's K. Each point against the budget's training size, tested like ``k_sweep``.
 
-Every accuracy carries a Wilson 95% interval (``claims.seed_intervals``), per seed and pooled;
+Every accuracy carries a Wilson 95% interval (``stats.seed_intervals``), per seed and pooled;
 0-shot rows in ``k_sweep`` and ``data_efficiency`` give the plots' reference line. Marks:
 ``*`` Holm p < 0.05, ``+`` Holm p < 0.1. A sweep without the budget's point (K or training
 size) is drawn untested, with a logged note. Multiple-choice targets are scored by MC1.
+
+This module computes the tables; ``analysis.plotting`` draws them (``ClaimFigures.figures``).
 """
 
 from __future__ import annotations
@@ -33,19 +35,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 
-from lofit_lens.analysis import stats
+from lofit_lens import stats
 from lofit_lens.analysis.cells import cached_selection
-from lofit_lens.analysis.claims import (
-    DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, claim_cell, claim_runs, seed_intervals,
+from lofit_lens.analysis.claims_data import (
+    DEFAULT_SELECTION_TASKS, DEFAULT_TASKS, claim_cell, claim_runs,
 )
-from lofit_lens.analysis.plotting import plot_data_efficiency, plot_k_sweep, plot_transfer
 from lofit_lens.analysis.transfer import RANDOM, significance_mark
 from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.methods.selectors import random_heads
 from lofit_lens.intervention import Head
-from lofit_lens.store import slug
 from lofit_lens.training import TrainingSet
 
 FRACTIONS = (0.03, 0.1, 0.5)
@@ -100,47 +99,12 @@ class ClaimFigures:
         settings = folder / "settings.json"
         return cls(**frames, settings=json.loads(settings.read_text()) if settings.is_file() else {})
 
-    def transfer_figure(self, model: str) -> go.Figure:
-        """Fig. 2 of ``model``: colour = accuracy relative to the column's same-task cell; text
-        = accuracy (%) with its mark and 95% interval."""
-        frame = self.transfer
-        part = frame[(frame["model"] == model) & (frame["seed"] == "pooled")]
-        wide = {c: part.pivot(index="source", columns="task", values=c)
-                for c in ("accuracy", "ci_low", "ci_high", "mark")}
-        order = list(dict.fromkeys(part["source"]))
-        wide = {c: v.reindex(index=order, columns=list(dict.fromkeys(part["task"])))
-                for c, v in wide.items()}
-        acc = wide["accuracy"]
-        diag = np.array([acc.loc[t, t] if t in acc.index else np.nan for t in acc.columns])
-        relative = acc / np.where(diag > 0, diag, np.nan)
-        columns = ("accuracy", "mark", "ci_low", "ci_high")
-        text = [[f"{100 * a:.1f}{m if isinstance(m, str) else ''}<br>[{100 * lo:.1f}, {100 * hi:.1f}]"
-                 for a, m, lo, hi in zip(*(wide[c].loc[s] for c in columns))]
-                for s in acc.index]
-        k, sizes = int(part["k"].iloc[0]), sorted(set(part["n"]))
-        n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
-        fig = plot_transfer(relative, title=f"{model}, K={k}, {n} test examples per cell: "
-                                            "accuracy (%) [95% CI]<br>colour: relative to "
-                                            "same-task heads; * Holm p<0.05, + Holm p<0.1")
-        fig.data[0].text = np.array(text, dtype=object)
-        fig.update_traces(hovertemplate="%{y} heads -> %{x}: %{text}<extra></extra>")
-        return fig
+    def figures(self) -> dict[str, Any]:
+        """``{file stem: plotly figure}``: ``fig2_transfer_<model>`` per model,
+        ``fig5_k_sweep``, ``fig4_data_efficiency`` (``plotting.plot_claim_figures``)."""
+        from lofit_lens.analysis.plotting import plot_claim_figures
 
-    def figures(self) -> dict[str, go.Figure]:
-        """``{file stem: figure}``: ``fig2_transfer_<model>`` per model, ``fig5_k_sweep``,
-        ``fig4_data_efficiency``."""
-        figs = {f"fig2_transfer_{slug(m)}": self.transfer_figure(m)
-                for m in dict.fromkeys(self.transfer["model"])}
-        for stem, frame, plot, title in (
-                ("fig5_k_sweep", self.k_sweep, plot_k_sweep, "share of heads tuned"),
-                ("fig4_data_efficiency", self.data_efficiency, plot_data_efficiency,
-                 "training examples")):
-            if not frame.empty:
-                figs[stem] = plot(frame[frame["seed"] == "pooled"],
-                                  title=f"Accuracy vs {title}, pooled over seeds (95% Wilson "
-                                        f"CI)<br>* / +: Holm p < 0.05 / 0.1 against the claims' "
-                                        f"point (the budget's K or training size)")
-        return figs
+        return plot_claim_figures(self.transfer, self.k_sweep, self.data_efficiency)
 
     def markdown(self) -> str:
         """The pooled rows of the three figures as Markdown tables (accuracy in % with its
@@ -195,7 +159,7 @@ class ClaimFigures:
 
 # ---------------------------------------------------------------------- rows and tests
 def _rows(keys: Mapping[str, Any], per_seed: Mapping[int, Mapping[str, Any]]) -> list[dict]:
-    """One row per seed and a pooled row for one point (``claims.seed_intervals``: Wilson
+    """One row per seed and a pooled row for one point (``stats.seed_intervals``: Wilson
     95%); ``per_seed``: the seeds' records."""
     cached = {str(s): r["cached"] for s, r in per_seed.items()}
     cached["pooled"] = all(cached.values())
@@ -203,7 +167,7 @@ def _rows(keys: Mapping[str, Any], per_seed: Mapping[int, Mapping[str, Any]]) ->
     return [{**keys, "seed": row["seed"], "n": row["n"], "metric": metric,
              "accuracy": row["score"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
              "cached": cached[row["seed"]]}
-            for row in seed_intervals({s: r["correct"] for s, r in per_seed.items()})]
+            for row in stats.seed_intervals({s: r["correct"] for s, r in per_seed.items()})]
 
 
 def _pooled(per_seed: Mapping[int, Mapping[str, Any]]) -> np.ndarray:

@@ -31,12 +31,16 @@ are mapped to relative depth: a head in layer ``l`` of an ``L``-layer model sits
   keep their own layers (the two agree when all depths are equal).
 
 The pair ``method`` column says which of the two comparisons was used.
+
+``pair_overlap`` and ``jaccard_stability`` compare bare head sets on one grid (e.g. one task's
+selections over seeds, for the claims): ``compare`` on a pair, and its means over all pairs.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -231,3 +235,56 @@ def paper_style_matrix(results_by_task: Mapping[str, Sequence[LoFiTResult]],
             cells[i, j] = {"result_i": a.label, "result_j": b.label,
                            **compare(a, b, ref_layers, n_bins, n_permutations, rng)}
     return _report(tasks, cells, ref_layers, n_bins)
+
+
+# ---------------------------------------------------------------------- stability across seeds
+@dataclass(frozen=True)
+class Stability:
+    """How alike the head sets of one task are across seeds: pairwise ``|Ti & Tj| / K``
+    (the paper's Jaccard), its expectation for random sets of the same sizes, and the
+    pairwise hypergeometric p-values (small: more overlap than chance)."""
+
+    n_sets: int
+    n_pairs: int
+    jaccard: float
+    jaccard_min: float
+    jaccard_max: float
+    iou: float
+    expected_random: float
+    p_values: tuple[float, ...]
+
+    def row(self) -> dict[str, Any]:
+        return {"n_sets": self.n_sets, "n_pairs": self.n_pairs, "jaccard": self.jaccard,
+                "jaccard_min": self.jaccard_min, "jaccard_max": self.jaccard_max,
+                "iou": self.iou, "jaccard_random": self.expected_random,
+                "p_max": max(self.p_values) if self.p_values else float("nan")}
+
+
+def _head_set(heads: Sequence[Head], n_layers: int, n_heads: int, label: str) -> HeadSet:
+    return HeadSet(label, "model", frozenset(tuple(map(int, h)) for h in heads), n_layers, n_heads)
+
+
+def pair_overlap(a: Sequence[Head], b: Sequence[Head], n_layers: int,
+                 n_heads: int) -> dict[str, Any]:
+    """``compare`` of two head sets on one grid: jaccard_paper, iou, expected_random,
+    p_value, ..."""
+    if not a or not b:
+        raise ValueError("pair_overlap needs two non-empty head sets")
+    return compare(_head_set(a, n_layers, n_heads, "a"), _head_set(b, n_layers, n_heads, "b"),
+                   ref_layers=n_layers)
+
+
+def jaccard_stability(head_sets: Sequence[Sequence[Head]], n_layers: int,
+                      n_heads: int) -> Stability:
+    """Stability of ``head_sets`` (e.g. one task's selections over seeds) on an
+    ``n_layers x n_heads`` grid: means over all unordered pairs. One set: NaNs."""
+    pairs = [pair_overlap(a, b, n_layers, n_heads)
+             for a, b in itertools.combinations(head_sets, 2)]
+    if not pairs:
+        nan = float("nan")
+        return Stability(len(head_sets), 0, nan, nan, nan, nan, nan, ())
+    jac = np.array([p["jaccard_paper"] for p in pairs])
+    return Stability(len(head_sets), len(pairs), float(jac.mean()), float(jac.min()),
+                     float(jac.max()), float(np.mean([p["iou"] for p in pairs])),
+                     float(np.mean([p["expected_random"] for p in pairs])),
+                     tuple(float(p["p_value"]) for p in pairs))

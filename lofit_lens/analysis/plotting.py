@@ -1,4 +1,5 @@
 """Plotly figures of LoFiT results; each returns a ``go.Figure`` (shown inline in Jupyter).
+The one module of lofit-lens that imports plotly: the analyses compute frames, this draws them.
 
 Conventions: head maps put layer 0 at the BOTTOM (depth grows upwards) and heads on x;
 square matrices (overlap, transfer) read like tables, first row at the top.
@@ -10,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from jaxtyping import Float
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from lofit_lens.analysis.granularity import layer_distribution, thirds_boundaries
 from lofit_lens.result import LoFiTResult
-from lofit_lens.store import write_bytes, write_text
+from lofit_lens.store import slug, write_bytes, write_text
 
 HEAD_VALUES = {
     "scores": "||A|| (step 1)",
@@ -49,7 +51,8 @@ def _result_title(result: LoFiTResult) -> str:
 def plot_heads(result: LoFiTResult, value: str = "scores", title: Optional[str] = None,
                show_selected: bool = True) -> go.Figure:
     """Layer x head heatmap of ``value`` (layer 0 at the bottom); the selected heads are
-    marked with open circles whose hover gives their rank."""
+    marked with open circles whose hover gives their rank. A result with a selection-quality
+    diagnostic shows its verdict, K/K+1 gap and stability under the title."""
     z = head_values(result, value).numpy()
     n_layers, n_heads = z.shape
     names = [[f"L{l}H{h}" for h in range(n_heads)] for l in range(n_layers)]
@@ -67,8 +70,11 @@ def plot_heads(result: LoFiTResult, value: str = "scores", title: Optional[str] 
             marker=dict(symbol="circle-open", size=9, color="red", line=dict(width=2)),
             hovertemplate="%{text}<extra>selected</extra>",
         ))
+    title = title or f"{label}: {_result_title(result)}"
+    if result.selection_quality is not None:
+        title += f"<br><sup>selection: {result.selection_quality.summary()}</sup>"
     fig.update_layout(
-        title=title or f"{label}: {_result_title(result)}",
+        title=title,
         xaxis=dict(title="head", range=[-0.5, n_heads - 0.5], dtick=1 if n_heads <= 24 else None),
         yaxis=dict(title="layer", range=[-0.5, n_layers - 0.5],
                    dtick=1 if n_layers <= 24 else None),
@@ -238,3 +244,86 @@ def plot_data_efficiency(frame: pd.DataFrame,
                          title: str = "Accuracy vs training examples") -> go.Figure:
     """Fig. 4 from ``data_efficiency`` frames: x = training examples used."""
     return _sweep_figure(frame, "n_train", "training examples", title, log_x=True)
+
+
+# ---------------------------------------------------------------------- the claims' figures (Fig. 2, 4, 5)
+def plot_claim_transfer(transfer: pd.DataFrame, model: str) -> go.Figure:
+    """Fig. 2 of ``model`` from ``ClaimFigures.transfer``: colour = accuracy relative to the
+    column's same-task cell; text = accuracy (%) with its mark and 95% interval."""
+    part = transfer[(transfer["model"] == model) & (transfer["seed"] == "pooled")]
+    wide = {c: part.pivot(index="source", columns="task", values=c)
+            for c in ("accuracy", "ci_low", "ci_high", "mark")}
+    order = list(dict.fromkeys(part["source"]))
+    wide = {c: v.reindex(index=order, columns=list(dict.fromkeys(part["task"])))
+            for c, v in wide.items()}
+    acc = wide["accuracy"]
+    diag = np.array([acc.loc[t, t] if t in acc.index else np.nan for t in acc.columns])
+    relative = acc / np.where(diag > 0, diag, np.nan)
+    columns = ("accuracy", "mark", "ci_low", "ci_high")
+    text = [[f"{100 * a:.1f}{m if isinstance(m, str) else ''}<br>[{100 * lo:.1f}, {100 * hi:.1f}]"
+             for a, m, lo, hi in zip(*(wide[c].loc[s] for c in columns))]
+            for s in acc.index]
+    k, sizes = int(part["k"].iloc[0]), sorted(set(part["n"]))
+    n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    fig = plot_transfer(relative, title=f"{model}, K={k}, {n} test examples per cell: "
+                                        "accuracy (%) [95% CI]<br>colour: relative to "
+                                        "same-task heads; * Holm p<0.05, + Holm p<0.1")
+    fig.data[0].text = np.array(text, dtype=object)
+    fig.update_traces(hovertemplate="%{y} heads -> %{x}: %{text}<extra></extra>")
+    return fig
+
+
+def plot_claim_figures(transfer: pd.DataFrame, k_sweep: pd.DataFrame,
+                       data_efficiency: pd.DataFrame) -> dict[str, go.Figure]:
+    """``{file stem: figure}`` of a ``ClaimFigures``' frames: ``fig2_transfer_<model>`` per
+    model, ``fig5_k_sweep``, ``fig4_data_efficiency`` (pooled rows, Wilson 95% error bars)."""
+    figs = {f"fig2_transfer_{slug(m)}": plot_claim_transfer(transfer, m)
+            for m in dict.fromkeys(transfer["model"])}
+    for stem, frame, plot, title in (
+            ("fig5_k_sweep", k_sweep, plot_k_sweep, "share of heads tuned"),
+            ("fig4_data_efficiency", data_efficiency, plot_data_efficiency, "training examples")):
+        if not frame.empty:
+            figs[stem] = plot(frame[frame["seed"] == "pooled"],
+                              title=f"Accuracy vs {title}, pooled over seeds (95% Wilson "
+                                    f"CI)<br>* / +: Holm p < 0.05 / 0.1 against the claims' "
+                                    f"point (the budget's K or training size)")
+    return figs
+
+
+# ---------------------------------------------------------------------- method overlap
+def plot_method_overlap(pairs: pd.DataFrame, fraction: float, models: Sequence[str],
+                        tasks: Sequence[str], methods: Sequence[str]) -> go.Figure:
+    """Jaccard heatmaps of the top-K head sets of ``methods`` (rows: models, columns: tasks)
+    at K = ``fraction``, cells "J (p)"; ``pairs``: one row per model, task and unordered
+    method pair (``method_i``, ``method_j``, ``jaccard``, ``p_value``, ``k``, ``n_heads``)."""
+    methods = list(methods)
+    titles = []
+    for m in models:
+        for t in tasks:
+            mine = pairs[(pairs.model == m) & (pairs.task == t)]
+            k = int(mine.k.iloc[0]) if len(mine) else 0
+            n = int(mine.n_heads.iloc[0]) if len(mine) else 0
+            titles.append(f"{m} / {t}: K={k} of {n} (random {k / n if n else 0:.2f})")
+    fig = make_subplots(rows=len(models), cols=len(tasks), subplot_titles=titles,
+                        horizontal_spacing=0.08, vertical_spacing=0.14)
+    for r, m in enumerate(models, 1):
+        for c, t in enumerate(tasks, 1):
+            mine = pairs[(pairs.model == m) & (pairs.task == t)]
+            z = np.full((len(methods), len(methods)), np.nan)
+            text = np.full(z.shape, "", dtype=object)
+            for _, row in mine.iterrows():
+                i, j = methods.index(row.method_i), methods.index(row.method_j)
+                for a, b in ((i, j), (j, i)):
+                    z[a, b] = row.jaccard
+                    text[a, b] = f"{row.jaccard:.2f}" + ("" if a == b else f"<br>p={row.p_value:.2g}")
+            fig.add_trace(go.Heatmap(z=z, x=methods, y=methods, text=text,
+                                     texttemplate="%{text}", zmin=0, zmax=1,
+                                     colorscale="Blues", showscale=(r == 1 and c == 1),
+                                     hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>"),
+                          row=r, col=c)
+            fig.update_yaxes(autorange="reversed", row=r, col=c)
+    fig.update_annotations(font_size=11)
+    fig.update_layout(title=f"Top-K head overlap across methods (Jaccard |Ti & Tj| / K), "
+                            f"K = {fraction:.0%} of the heads",
+                      height=330 * len(models) + 80, width=360 * len(tasks) + 80)
+    return fig

@@ -18,11 +18,11 @@ import pandas as pd
 from lofit_lens.backends.hooked import model_dims, model_id
 from lofit_lens.budgets import FRACTIONS, SIZES
 from lofit_lens.analysis.cells import bias_cell, cached_selection, zero_shot_cell
-from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.methods.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.executors import ExecutorLike, get_executor
-from lofit_lens.intervals import wilson_ci
 from lofit_lens.intervention import Head
+from lofit_lens.stats import wilson_ci
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import HeadSelection, TaskLike, TrainingSet, resolve_run
 

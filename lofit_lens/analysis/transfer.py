@@ -21,11 +21,10 @@ import pandas as pd
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.executors import ExecutorLike, get_executor
 from lofit_lens.backends.hooked import model_dims
-from lofit_lens.intervals import wilson_ci
 from lofit_lens.intervention import Head
 from lofit_lens.analysis.sweeps import BiasItem, SelectionItem, bias_task, selection_task
-from lofit_lens.analysis.stats import paired_bootstrap_p
-from lofit_lens.baselines.selectors import random_heads as draw_random_heads
+from lofit_lens.methods.selectors import random_heads as draw_random_heads
+from lofit_lens.stats import paired_bootstrap_p, wilson_ci
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import TaskLike, TrainingSet, resolve_run
 

@@ -1,5 +1,6 @@
-"""Statistics for the replication report (``lofit_lens.analysis.claims``): intervals, paired
-tests, multiple-comparison correction, head-set stability and power.
+"""Statistics: confidence intervals, paired tests, multiple-comparison correction, power
+and verdicts. The one statistics module of lofit-lens, at core level: ``baselines.compare``'s
+tables, the analyses (``transfer``, ``sweeps``) and the claims (``analysis.claims``) all use it.
 
 Every comparison here is *paired*: two methods evaluated on the same test examples. Vectors
 ``a`` and ``b`` hold one score per example (0/1 for exact match and MC1, a probability for
@@ -7,21 +8,18 @@ MC2); ``effect`` is always ``mean(a) - mean(b)``, so a positive effect favours `
 
 * Intervals: ``wilson_ci`` (a proportion), ``bootstrap_ci`` (a mean over examples: MC2, or
   anything continuous), ``paired_difference_ci`` (Newcombe's method 10 for the difference of
-  two paired proportions).
+  two paired proportions), ``seed_intervals`` (per seed and pooled over seeds).
 * Tests: ``mcnemar_exact`` (exact McNemar: ``scipy.stats.binomtest`` on the discordant pairs),
   ``paired_sign_test`` and ``paired_permutation_test`` (continuous per-example scores),
   ``paired_bootstrap`` (the paper's Fig. 2 test, kept for comparability: it is
   ``paired_bootstrap_p`` (the transfer matrix's marks) with its arguments in claim order).
 * ``holm``: Holm's step-down adjusted p-values across the cells of a matrix (one family).
-* ``jaccard_stability``: mean pairwise Jaccard of head sets (seeds of one task) beside its
-  expectation for random head sets of the same sizes (``lofit_lens.analysis.overlap``'s
-  hypergeometric expectation and p-value).
 * Power: ``mcnemar_power`` / ``mcnemar_n_needed`` (exact, at the observed discordance),
   ``mcnemar_n_connor`` (Connor 1987's closed form), ``proportions_n_needed`` (two independent
   proportions), ``paired_mean_n_needed`` (a paired mean difference, normal approximation),
   ``n_needed_from_z`` / ``n_needed_from_p`` (any test whose z grows as sqrt(n)).
 * ``verdict``: supported / not supported / underpowered, from the corrected p-value, the
-  effect's sign and the n needed.
+  effect's sign and the n needed; ``format_n``, ``format_pct``, ``format_p`` print them.
 
 One-sided alternatives are named as in scipy: ``"greater"`` tests ``a > b``.
 """
@@ -31,17 +29,15 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import numpy as np
 from jaxtyping import Float, Int
 from scipy.stats import binom, binomtest, norm
 
-from lofit_lens.intervals import Scores, bootstrap_ci, wilson_ci  # noqa: F401 (re-exported)
-
+Scores = Union[Float[np.ndarray, " n"], Sequence[float]]
 Alternative = Literal["greater", "less", "two-sided"]
 ALTERNATIVES = ("greater", "less", "two-sided")
-Head = tuple[int, int]
 
 SUPPORTED = "supported"
 NOT_SUPPORTED = "not supported"
@@ -70,6 +66,49 @@ def _binary(x: Float[np.ndarray, " n"], name: str) -> Int[np.ndarray, " n"]:
 
 
 # ---------------------------------------------------------------------- intervals
+def z_score(confidence: float) -> float:
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: must lie in (0, 1)")
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
+def wilson_ci(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``successes / n`` (no continuity correction).
+
+    ``successes`` may be fractional (a mean over seeds times ``n``). ``n = 0``: (nan, nan)."""
+    if n < 0 or successes < 0 or successes > n:
+        raise ValueError(f"wilson_ci: need 0 <= successes <= n, got {successes} of {n}")
+    if n == 0:
+        return (float("nan"), float("nan"))
+    z = z_score(confidence)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    # at 0 or n successes the bound is exactly 0 or 1 (the sum leaves a rounding residue)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
+
+
+def bootstrap_ci(values: Scores, confidence: float = 0.95, n_bootstrap: int = 10_000,
+                 seed: int = 0,
+                 statistic: Callable[[np.ndarray], np.ndarray] = lambda x: x.mean(axis=-1),
+                 ) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` (default: the mean), resampling the
+    entries of ``values`` (one per example / question) with replacement.
+
+    ``statistic`` maps a ``(resample, n)`` array to one value per resample."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"bootstrap_ci needs a non-empty 1-d vector, got shape {values.shape}")
+    z_score(confidence)
+    rng = np.random.default_rng(seed)
+    draws = statistic(values[rng.integers(0, len(values), size=(n_bootstrap, len(values)))])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return (float(low), float(high))
+
+
 def paired_difference_ci(a: Scores, b: Scores, confidence: float = 0.95) -> tuple[float, float]:
     """Newcombe's (1998) method 10 interval for ``mean(a) - mean(b)`` of two paired 0/1
     vectors: the Wilson intervals of both proportions, combined with the estimated
@@ -92,6 +131,27 @@ def paired_difference_ci(a: Scores, b: Scores, confidence: float = 0.95) -> tupl
     lower = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
     upper = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
     return (max(-1.0, lower), min(1.0, upper))
+
+
+def seed_intervals(per_seed: Mapping[Any, Sequence[float]], continuous: bool = False,
+                   n_bootstrap: int = 2000) -> list[dict[str, Any]]:
+    """One row per seed, then one ``"pooled"`` over all seeds' examples: ``seed``, ``n``,
+    ``score`` (the mean) and its 95% interval ``ci_low`` / ``ci_high`` (``ci``: Wilson for
+    0/1 scores; bootstrap over questions when ``continuous``, e.g. MC2)."""
+    rows = []
+    groups = [(str(s), list(v)) for s, v in per_seed.items()]
+    groups.append(("pooled", [x for v in per_seed.values() for x in v]))
+    for label, values in groups:
+        values = np.asarray(values, float)
+        if continuous:
+            low, high = bootstrap_ci(values, n_bootstrap=n_bootstrap)
+            how = "bootstrap over questions"
+        else:
+            low, high = wilson_ci(values.sum(), len(values))
+            how = "Wilson"
+        rows.append({"seed": label, "n": len(values), "score": float(values.mean()),
+                     "ci_low": low, "ci_high": high, "ci": how})
+    return rows
 
 
 # ---------------------------------------------------------------------- paired tests
@@ -223,63 +283,6 @@ def holm(p_values: Sequence[float]) -> Float[np.ndarray, " m"]:
         running = max(running, min(1.0, (m - rank) * p[i]))
         adjusted[i] = running
     return adjusted
-
-
-# ---------------------------------------------------------------------- head sets
-@dataclass(frozen=True)
-class Stability:
-    """How alike the head sets of one task are across seeds: pairwise ``|Ti & Tj| / K``
-    (the paper's Jaccard), its expectation for random sets of the same sizes, and the
-    pairwise hypergeometric p-values (small: more overlap than chance)."""
-
-    n_sets: int
-    n_pairs: int
-    jaccard: float
-    jaccard_min: float
-    jaccard_max: float
-    iou: float
-    expected_random: float
-    p_values: tuple[float, ...]
-
-    def row(self) -> dict[str, Any]:
-        return {"n_sets": self.n_sets, "n_pairs": self.n_pairs, "jaccard": self.jaccard,
-                "jaccard_min": self.jaccard_min, "jaccard_max": self.jaccard_max,
-                "iou": self.iou, "jaccard_random": self.expected_random,
-                "p_max": max(self.p_values) if self.p_values else float("nan")}
-
-
-def _head_set(heads: Sequence[Head], n_layers: int, n_heads: int, label: str):
-    from lofit_lens.analysis.overlap import HeadSet
-
-    return HeadSet(label, "model", frozenset(tuple(map(int, h)) for h in heads), n_layers, n_heads)
-
-
-def pair_overlap(a: Sequence[Head], b: Sequence[Head], n_layers: int,
-                 n_heads: int) -> dict[str, Any]:
-    """``lofit_lens.analysis.overlap.compare`` of two head sets on one grid: jaccard_paper,
-    iou, expected_random, p_value, ..."""
-    from lofit_lens.analysis.overlap import compare
-
-    if not a or not b:
-        raise ValueError("pair_overlap needs two non-empty head sets")
-    return compare(_head_set(a, n_layers, n_heads, "a"), _head_set(b, n_layers, n_heads, "b"),
-                   ref_layers=n_layers)
-
-
-def jaccard_stability(head_sets: Sequence[Sequence[Head]], n_layers: int,
-                      n_heads: int) -> Stability:
-    """Stability of ``head_sets`` (e.g. one task's selections over seeds) on an
-    ``n_layers x n_heads`` grid: means over all unordered pairs. One set: NaNs."""
-    pairs = [pair_overlap(a, b, n_layers, n_heads)
-             for a, b in itertools.combinations(head_sets, 2)]
-    if not pairs:
-        nan = float("nan")
-        return Stability(len(head_sets), 0, nan, nan, nan, nan, nan, ())
-    jac = np.array([p["jaccard_paper"] for p in pairs])
-    return Stability(len(head_sets), len(pairs), float(jac.mean()), float(jac.min()),
-                     float(jac.max()), float(np.mean([p["iou"] for p in pairs])),
-                     float(np.mean([p["expected_random"] for p in pairs])),
-                     tuple(float(p["p_value"]) for p in pairs))
 
 
 # ---------------------------------------------------------------------- power
