@@ -3,7 +3,7 @@ selectors, LoRA on hooks, compare's table and resume, and ``lofit`` on a task fi
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import json
 import math
 
@@ -12,19 +12,20 @@ import pandas as pd
 import pytest
 import torch
 
-from lofit_lens import lofit
-from lofit_lens.baselines import METHODS, compare
-from lofit_lens.baselines.iti import fit_probes, iti_intervention, statements
-from lofit_lens.baselines.lora import LoRA, train_lora
-from lofit_lens.baselines.selectors import probe_layer_heads
+from lofit_lens import engine, lofit
+from lofit_lens.errors import ConfigError
+from lofit_lens.methods import METHODS, compare, get_method, unregister_method
+from lofit_lens.methods.iti import iti_intervention
+from lofit_lens.methods.lora import LoRA, train_lora
+from lofit_lens.methods.probes import fit_probes, statements
+from lofit_lens.methods.selectors import probe_layer_heads
 from lofit_lens.backends.hooked import ModelDims, hf_tokenizer, model_dims
-from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.methods.selectors import random_heads
 from lofit_lens.tasks import FileTask
 from lofit_lens.training import resolve_run
 
 from conftest import tiny_llama
 
-compare_module = importlib.import_module("lofit_lens.baselines.compare")
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
 TINY = dict(seeds=[0], k=2, epochs=1, max_train_examples=4, max_eval_examples=2,
@@ -104,16 +105,15 @@ def test_compare_writes_tables_and_resumes_without_retraining(tiny_model, task_f
     def no_run(*args, **kwargs):
         raise AssertionError("a finished run was computed again")
 
-    monkeypatch.setattr(compare_module, "split_metrics", no_run)
-    monkeypatch.setattr("lofit_lens.baselines.methods.METHODS", {n: no_run for n in METHODS})
+    monkeypatch.setattr(engine, "evaluate", no_run)
+    for name in list(METHODS):
+        monkeypatch.setitem(METHODS, name, dataclasses.replace(METHODS[name], run=no_run))
     again = compare(tiny_model, str(task_files["multiple_choice"]), methods=list(METHODS),
                     out=out, **TINY)
     pd.testing.assert_frame_equal(again, frame)
     monkeypatch.undo()
-    with caplog.at_level("WARNING", logger="lofit_lens.baselines.compare"):
-        compare(tiny_model, str(task_files["multiple_choice"]), methods=["zero_shot"], out=out,
-                **{**TINY, "k": 3})
-    assert "other settings (config changed): computing it again" in caplog.text
+    compare(tiny_model, str(task_files["multiple_choice"]), methods=["zero_shot"], out=out,
+            **{**TINY, "k": 3})
     assert json.loads((out / "runs" / "zero_shot-seed0.json").read_text())["settings"]["config"]["k"] == 3
 
 
@@ -135,7 +135,7 @@ def test_compare_keeps_per_question_scores_and_bootstraps_mc2(mc_run):
 def test_every_saved_intervention_reloads_and_scores_the_same(tiny_model, task_files, mc_run):
     """compare saves each method's intervention (one store format); reloaded, it gives the
     metrics the run recorded."""
-    from lofit_lens.baselines import load_intervention
+    from lofit_lens.methods import load_intervention
     from lofit_lens.eval.evaluate import split_metrics
     from lofit_lens.tasks import get_task
 
@@ -154,29 +154,63 @@ def test_every_saved_intervention_reloads_and_scores_the_same(tiny_model, task_f
     assert kinds["lofit"] == kinds["red"] == "head"
 
 
-def test_a_selector_registered_by_user_code_is_a_method(tiny_model, task_files, monkeypatch):
-    """docs/architecture.md's worked example: one function under @register_selector."""
-    from lofit_lens.baselines.selectors import SELECTORS, register_selector
-
-    monkeypatch.setattr("lofit_lens.baselines.selectors.registry.SELECTORS", dict(SELECTORS))
-    from lofit_lens.baselines.selectors import registry
+@pytest.fixture
+def last_layers():
+    """docs/architecture.md's worked example: one function under @register_selector
+    (unregistered afterwards)."""
+    from lofit_lens.methods.selectors import register_selector
 
     @register_selector("last_layers")
     def last_layers(ctx):
+        """The K heads of the last layers, filled from the top layer down, sorted."""
         dims = ctx.dims
         heads = [(layer, h) for layer in reversed(range(dims.n_layers)) for h in range(dims.n_heads)]
         return sorted(heads[:ctx.k])
 
-    monkeypatch.setattr("lofit_lens.baselines.methods.SELECTORS", registry.SELECTORS)
-    frame = compare(tiny_model, str(task_files["generation"]), methods=["last_layers"],
+    yield "last_layers"
+    unregister_method("last_layers")
+
+
+def test_a_selector_registered_by_user_code_is_a_method(tiny_model, task_files, last_layers):
+    assert get_method(last_layers).doc.startswith("The K heads of the last layers")
+    assert get_method(last_layers).options().to_dict() == {}  # options-less
+    frame = compare(tiny_model, str(task_files["generation"]), methods=[last_layers],
                     extra={"max_new_tokens": 3}, **TINY)
     assert list(frame["method"]) == ["last_layers"]
     assert int(frame["params"].iloc[0]) == 2 * model_dims(tiny_model).d_head
+    with pytest.raises(ValueError, match="already registered"):
+        from lofit_lens.methods.selectors import register_selector
+
+        register_selector("last_layers")(lambda ctx: [])
 
 
 def test_unknown_method_lists_the_known_ones(tiny_model, task_files):
     with pytest.raises(ValueError, match="known methods: zero_shot, iti, lofit"):
         compare(tiny_model, str(task_files["generation"]), methods=["lofit", "no_such_method"], **TINY)
+
+
+def test_unknown_compare_keywords_are_named(tiny_model, task_files):
+    """Keywords are LoFiTConfig fields or ``<method>_<field>`` of a registered method."""
+    with pytest.raises(ConfigError, match="Unknown compare keywords: iti_alfa, lora_size"):
+        compare(tiny_model, str(task_files["generation"]), methods=["zero_shot"], iti_alfa=1.0,
+                lora_size=4, lora_rank=4, **TINY)
+
+
+def test_every_method_option_has_help_and_a_compare_keyword():
+    from lofit_lens.methods.base import option_keywords, split_options
+
+    keywords = option_keywords()
+    assert {"iti_alpha", "lora_rank", "lora_alpha", "lora_dropout", "lora_lr", "jola_l0_lambda",
+            "jola_lr", "reft_rank", "reft_layers", "reft_lr", "repe_coeff", "repe_layers"} <= set(keywords)
+    for method in METHODS.values():
+        for field in dataclasses.fields(method.options):
+            assert field.metadata["help"], (method.name, field.name)
+        options = method.options()
+        assert type(options).from_dict(options.to_dict()) == options
+    options, rest = split_options({"lora_rank": 16, "iti_alpha": 10, "k": 2})
+    assert options == {"lora": get_method("lora").options(rank=16),
+                       "iti": get_method("iti").options(alpha=10)}
+    assert rest == {"k": 2}
 
 
 # ---------------------------------------------------------------------- head selectors
@@ -315,7 +349,7 @@ def test_cli_compare_prints_the_table(tiny_model, task_files, tmp_path, monkeypa
 
 
 def test_summary_table_spread_over_seeds():
-    from lofit_lens.baselines.compare import summary_table
+    from lofit_lens.methods.compare import summary_table
 
     cells = [{"method": "lofit", "split": "test", "fold": None, "seed": s, "params": 512,
               "seconds": 1.0, "metrics": {"test": {"exact_match": v, "n": 10}}}
@@ -342,27 +376,24 @@ def test_dpo_reference_is_computed_once_per_run(tiny_model, task_files, monkeypa
     assert len(built) == 2  # train + val, shared by both steps
 
 
-def test_saved_runs_resume_across_config_fields_that_do_not_change_results():
-    from lofit_lens.baselines.compare import same_settings
-    from lofit_lens.config import LoFiTConfig
+def test_compare_runs_are_keyed_by_what_changes_results(tiny_model, task_files, tmp_path,
+                                                         monkeypatch):
+    """A run is read back when only speed settings changed; a method's own option recomputes
+    that method alone (its evaluation too), not the others."""
+    task = str(task_files["generation"])
+    methods = ["random", "iti"]
+    first = compare(tiny_model, task, methods=methods, out=tmp_path, **TINY)
+    evaluated = []
+    real = engine.evaluate
 
-    now = {"model": "m", "config": LoFiTConfig(k=2).to_dict(), "options": {"iti_alpha": 15.0}}
-    older = {**now, "config": {k: v for k, v in now["config"].items() if k != "prefix_cache_mb"}}
-    assert same_settings(older, now)  # written before the field existed
-    faster = {**now, "config": {**now["config"], "eval_batch_size": 64, "prefix_cache_mb": 0.0}}
-    assert same_settings(faster, now)
-    assert not same_settings({**now, "config": {**now["config"], "k": 3}}, now)
+    def counting(model, task_, rows, intervention, *args, **kwargs):
+        evaluated.append(kwargs.get("desc", ""))
+        return real(model, task_, rows, intervention, *args, **kwargs)
 
-
-def test_saved_runs_resume_across_baseline_options_added_since():
-    import dataclasses
-
-    from lofit_lens.baselines.base import BaselineOptions
-    from lofit_lens.baselines.compare import same_settings
-    from lofit_lens.config import LoFiTConfig
-
-    now = {"model": "m", "config": LoFiTConfig(k=2).to_dict(),
-           "options": dataclasses.asdict(BaselineOptions())}
-    older = {**now, "options": {"iti_alpha": now["options"]["iti_alpha"]}}
-    assert same_settings(older, now)  # written before the other options existed
-    assert not same_settings({**now, "options": {"iti_alpha": 1.0}}, now)
+    monkeypatch.setattr(engine, "evaluate", counting)
+    again = compare(tiny_model, task, methods=methods, out=tmp_path,
+                    **{**TINY, "eval_batch_size": 7, "prefix_cache_mb": 0.0})
+    assert evaluated == []
+    pd.testing.assert_frame_equal(again, first)
+    compare(tiny_model, task, methods=methods, out=tmp_path, iti_alpha=1.0, **TINY)
+    assert [d.split()[0] for d in evaluated] == ["iti"]

@@ -5,6 +5,7 @@ rerun, not lost."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -79,7 +80,9 @@ def folder_model(tmp_path_factory, tiny_tokenizer):
 
 
 def _v(card: str) -> torch.Tensor:
-    return load_file(str(Path(card).with_suffix(".safetensors")))["bias"]
+    """v of the step 2 an evaluation card evaluated (its ``made_by``: the tune phase's key)."""
+    tuned = json.loads(Path(card).read_text())["settings"]["made_by"]
+    return load_file(str(Path(card).parent / f"tune-{tuned}.safetensors"))["bias"]
 
 
 def test_transfer_matrix_on_ray_matches_local(ray_local, folder_model, arithmetic_tasks, tmp_path):
@@ -105,7 +108,7 @@ def test_transfer_matrix_on_ray_matches_local(ray_local, folder_model, arithmeti
 
 def test_sweeps_and_compare_on_ray_match_local(ray_local, folder_model, arithmetic_tasks, tmp_path):
     from lofit_lens.analysis.sweeps import data_efficiency, k_sweep
-    from lofit_lens.baselines.compare import compare
+    from lofit_lens.methods.compare import compare, load_intervention
 
     torch.set_num_threads(1)
     shown = ["method", "fraction", "k", "accuracy", "n_eval"]
@@ -128,9 +131,9 @@ def test_sweeps_and_compare_on_ray_match_local(ray_local, folder_model, arithmet
     numbers = [c for c in a.columns if c.endswith("_mean")] + ["params", "runs"]
     assert b[["method", *numbers]].equals(a[["method", *numbers]])
     for stem in ("random-seed1", "lofit-seed0"):
-        torch.testing.assert_close(load_file(str(tmp_path / "cr" / "runs" / f"{stem}.safetensors")),
-                                   load_file(str(tmp_path / "cl" / "runs" / f"{stem}.safetensors")),
-                                   atol=1e-6, rtol=0)
+        remote_v, local_v = (load_intervention(tmp_path / run / "runs" / f"{stem}.json").state_tensors()
+                             for run in ("cr", "cl"))
+        torch.testing.assert_close(remote_v, local_v, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------- a killed worker

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from lofit_lens.backends.hooked import attached_hooks, hf_tokenizer, model_dims
-from lofit_lens.baselines import compare, load_intervention
-from lofit_lens.baselines.jola import (
+from lofit_lens.methods import compare, load_intervention
+from lofit_lens.methods.jola import (
     JoLA, L0PenalisedObjective, deterministic_gate, jola_result, open_probability, sample_gate,
 )
-from lofit_lens.baselines.reft import LoReFT, PromptEndObjective, prompt_ends, resid_post_name
-from lofit_lens.baselines.repe import (
+from lofit_lens.methods.reft import LoReFT, PromptEndObjective, prompt_ends, resid_post_name
+from lofit_lens.methods.repe import (
     ResidualShift, contrast_pairs, read_directions, repe_shift,
 )
-from lofit_lens.baselines.iti import Statements
-from lofit_lens.batching import encode_prompt
+from lofit_lens.methods.probes import Statements
+from lofit_lens.padding import encode_prompt
 from lofit_lens.eval.generation import greedy_generate
 from lofit_lens.eval.mc_scoring import choice_scores
 from lofit_lens.intervention import HeadIntervention
@@ -288,8 +288,8 @@ def test_reading_vector_is_the_signed_first_component_of_paired_differences():
 
 
 def test_repe_shift_adds_coeff_sigma_u_at_every_position(tiny_model):
-    from lofit_lens.baselines.repe import Reading
-    from lofit_lens.baselines.reft import residual_dims
+    from lofit_lens.methods.repe import Reading
+    from lofit_lens.methods.reft import residual_dims
 
     dims = residual_dims(tiny_model)
     direction = torch.nn.functional.normalize(torch.randn(dims.n_layers, dims.d_model), dim=-1)
@@ -317,16 +317,16 @@ def test_repe_shift_adds_coeff_sigma_u_at_every_position(tiny_model):
 # ---------------------------------------------------------------------- analysis.method_overlap
 def test_method_overlap_scores_every_head_and_compares_top_k(tiny_model, tiny_task_file, tmp_path):
     from analysis.method_overlap import METHODS, figure, method_scores, overlap_rows
-    from lofit_lens.baselines.base import BaselineOptions
+    from lofit_lens.methods.jola import JoLAOptions
     from lofit_lens.training import resolve_run
 
     task, cfg = resolve_run(str(tiny_task_file), None, dict(
         max_train_examples=8, epochs_select=1, epochs_bias=1, max_val_examples=0, protocol="clean"))
-    scores, records = method_scores(tiny_model, task, cfg, tmp_path, BaselineOptions(), False)
+    scores, records = method_scores(tiny_model, task, cfg, tmp_path, JoLAOptions(), False)
     assert list(scores) == list(METHODS)
     assert all(tuple(s.shape) == (3, 4) and torch.isfinite(s).all() for s in scores.values())
     assert -1 <= records["jola"]["jola_vs_init"] <= 1
-    again, _ = method_scores(tiny_model, task, cfg, tmp_path, BaselineOptions(), False)
+    again, _ = method_scores(tiny_model, task, cfg, tmp_path, JoLAOptions(), False)
     for method in METHODS:  # read back from the cache
         torch.testing.assert_close(again[method], scores[method])
 

@@ -140,7 +140,7 @@ def write_truthfulqa(folder, n=4):
 
 
 def test_compare_truthfulqa_reports_both_folds_and_their_mean(tiny_model, tmp_path):
-    from lofit_lens.baselines import compare
+    from lofit_lens.methods import compare
 
     write_truthfulqa(tmp_path / "data")
     frame = compare(tiny_model, "truthfulqa", methods=["zero_shot", "iti"], seeds=[0], k=2,

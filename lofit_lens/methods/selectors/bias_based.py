@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lofit_lens.baselines.selectors.registry import register_selector
+from lofit_lens.methods.selectors.registry import register_selector
 from lofit_lens.intervention import Head, top_heads
 from lofit_lens.training import tune_biases
 

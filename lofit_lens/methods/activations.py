@@ -11,7 +11,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.backends.hooked import attached_hooks, hf_tokenizer, model_device
-from lofit_lens.batching import check_fits, collate, context_length, encode_pair, pad_id
+from lofit_lens.batching import check_fits, context_length
+from lofit_lens.padding import collate, encode_pair, pad_id
 
 
 @torch.no_grad()

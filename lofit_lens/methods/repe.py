@@ -4,7 +4,7 @@ residual stream: a baseline with nothing trained, like ITI.
 Reading (RepE's PCA reader with ``n_difference=1`` and ``rep_token=-1``):
 
 1. Contrasting pairs from the task's TRAINING examples, built as ITI's probe data
-   (``iti.statements``): the prompt with a true answer and the same prompt with a false one
+   (``probes.statements``): the prompt with a true answer and the same prompt with a false one
    (multiple choice: its true and false choices, paired in order; generation: the gold target
    and another example's answer that this prompt does not accept).
 2. ``blocks.{l}.hook_resid_post`` of every layer at the last token of prompt + answer.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Sequence, Union
 
 import einops
@@ -38,11 +38,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from lofit_lens.backends.hooked import attached_hooks, model_device
-from lofit_lens.baselines.iti import Statements, VAL_FRACTION, statements
-from lofit_lens.baselines.reft import ResidualDims, residual_dims, resid_post_name
-from lofit_lens.baselines.activations import last_token_activations
 from lofit_lens.errors import ModelMismatchError
 from lofit_lens.intervention import register_intervention
+from lofit_lens.methods.activations import last_token_activations
+from lofit_lens.methods.base import Method, MethodOptions, MethodRun, RunContext, register_method
+from lofit_lens.methods.probes import Statements, VAL_FRACTION, statements
+from lofit_lens.methods.reft import ResidualDims, residual_dims, resid_post_name
 from lofit_lens.tasks.base import Example, Task
 
 
@@ -211,3 +212,25 @@ def reading_info(reading: Reading, layers: Sequence[int], coeff: float) -> dict[
     return {"layers": list(layers), "coeff": coeff, "pairs": reading.n_pairs,
             "layer_accuracy": [round(float(a), 4) for a in reading.accuracy],
             "reading_parameters": n_layers * (d_model + 1)}
+
+
+@dataclass(frozen=True)
+class RepEOptions(MethodOptions):
+    """RepE's settings (``compare(repe_coeff=...)``, ``--repe-coeff``)."""
+
+    coeff: float = field(default=2.0, metadata={
+        "help": "the shift is coeff * sigma_l * u_l per chosen layer"})
+    layers: Union[int, float] = field(default=0.25, metadata={
+        "help": "layers shifted: a count, or a share of all layers (best held-out reading first)"})
+
+
+def run_repe(ctx: RunContext, options: RepEOptions) -> MethodRun:
+    """RepE: a reading vector (PCA of paired differences) added at the best-reading layers."""
+    train = ctx.task.train_examples(ctx.cfg.seed, ctx.cfg.max_train_examples)
+    reading = repe_reading(ctx.model, ctx.task, train, ctx.cfg.seed, ctx.cfg.eval_batch_size)
+    layers = reading.top_layers(num_layers(options.layers, ctx.dims.n_layers))
+    shift = repe_shift(residual_dims(ctx.model), reading, layers, options.coeff)
+    return MethodRun(shift, 0, None, reading_info(reading, layers, options.coeff))
+
+
+register_method(Method("repe", run_repe, RepEOptions))

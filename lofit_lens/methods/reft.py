@@ -40,6 +40,7 @@ import contextlib
 import functools
 import math
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple, Optional, Sequence
 
 import torch
@@ -47,12 +48,13 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from lofit_lens.backends.hooked import attached_hooks, model_device, uses_bridge
-from lofit_lens.baselines.jola import DelegatingObjective
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.errors import ModelMismatchError
 from lofit_lens.eval.positions import current_answer_index
 from lofit_lens.history import TrainingHistory
 from lofit_lens.intervention import register_intervention
+from lofit_lens.methods.base import Method, MethodOptions, MethodRun, RunContext, register_method
+from lofit_lens.methods.jola import DelegatingObjective
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import TrainingSet, train_intervention
 
@@ -292,3 +294,24 @@ def train_reft(model, task: Task, cfg: LoFiTConfig, *, rank: int, layers: Option
     history.data_hash, history.n_train = data.data_hash, len(data.train)
     history.trainable_parameters = reft.num_trainable_parameters()
     return reft, history
+
+
+@dataclass(frozen=True)
+class ReFTOptions(MethodOptions):
+    """LoReFT's settings (``compare(reft_rank=...)``, ``--reft-rank``)."""
+
+    rank: int = field(default=4, metadata={"help": "rank of R and W per edited layer"})
+    layers: Optional[tuple[int, ...]] = field(default=None, metadata={
+        "help": "the layers whose residual stream is edited (default: all)"})
+    lr: float = field(default=4e-3, metadata={"help": "learning rate (epochs: the run's epochs_bias)"})
+
+
+def run_reft(ctx: RunContext, options: ReFTOptions) -> MethodRun:
+    """LoReFT on the residual stream at the last prompt position."""
+    module, _ = train_reft(ctx.model, ctx.task, ctx.cfg, rank=options.rank, layers=options.layers,
+                           lr=options.lr, progress=ctx.progress)
+    return MethodRun(module, module.num_trainable_parameters(), None,
+                     {"layers": module.layers, "rank": module.rank})
+
+
+register_method(Method("reft", run_reft, ReFTOptions))

@@ -17,7 +17,7 @@ its own ``log_alpha``, temperature ``beta = 0.33`` and stretch ``(gamma, zeta) =
   ``P(open) = sigmoid(log_alpha - beta * log(-gamma / zeta))``.
 
 The loss is the task loss plus ``l0_lambda`` times the MEAN of ``P(open)`` over all ``2 L H``
-gates (``BaselineOptions.jola_l0_lambda``, default 0.05), the one weight of this
+gates (``JoLAOptions.l0_lambda``, ``--jola-l0-lambda``, default 0.05), the one weight of this
 implementation. JoLA's trainer (``JoLATrainer.compute_loss`` in wenlai-lavine/jola) instead
 adds ``lambda_t / (L H^2)`` per v-gate and ``(1 - lambda_t) / (L H^2)`` per A-gate
 (``get_penalty`` averages over a layer's heads, then the sum over layers is divided by
@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import einops
@@ -56,6 +57,7 @@ from lofit_lens.config import LoFiTConfig
 from lofit_lens.errors import ModelMismatchError
 from lofit_lens.history import RunHistory, TrainingHistory
 from lofit_lens.intervention import Head, register_intervention, top_heads
+from lofit_lens.methods.base import Method, MethodOptions, MethodRun, RunContext, register_method
 from lofit_lens.result import LoFiTResult
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import TrainingSet, train_intervention
@@ -333,3 +335,24 @@ def jola_info(jola: JoLA, initial_scores: Tensor, l0_lambda: float, lr: float) -
         "mean_open_probability": {"scale": float(p_scale.mean()), "bias": float(p_bias.mean())},
         "spearman_with_init": spearman(scores, initial_scores),
     }
+
+
+@dataclass(frozen=True)
+class JoLAOptions(MethodOptions):
+    """JoLA's settings (``compare(jola_l0_lambda=...)``, ``--jola-l0-lambda``)."""
+
+    l0_lambda: float = field(default=0.05, metadata={
+        "help": "weight of the mean expected L0 over all gates"})
+    lr: Optional[float] = field(default=None, metadata={
+        "help": "learning rate (default: the run's lr_select, LoFiT's rate for A on every head)"})
+
+
+def run_jola(ctx: RunContext, options: JoLAOptions) -> MethodRun:
+    """JoLA: gated A and v on every head, one stage, expected-L0 penalty."""
+    module, _, initial = train_jola(ctx.model, ctx.task, ctx.cfg, l0_lambda=options.l0_lambda,
+                                    lr=options.lr, progress=ctx.progress)
+    return MethodRun(module, module.num_trainable_parameters(), module.active_heads,
+                     jola_info(module, initial, options.l0_lambda, options.lr or ctx.cfg.lr_select))
+
+
+register_method(Method("jola", run_jola, JoLAOptions))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lofit_lens.backends.hooked import ModelDims
-from lofit_lens.baselines.selectors.registry import register_selector
+from lofit_lens.methods.selectors.registry import register_selector
 from lofit_lens.intervention import Head
 
 
@@ -17,4 +17,5 @@ def random_heads(dims: ModelDims, k: int, seed: int) -> list[Head]:
 
 @register_selector("random")
 def random_selection(ctx) -> list[Head]:
+    """K heads drawn uniformly without replacement (seeded)."""
     return random_heads(ctx.dims, ctx.k, ctx.cfg.seed)

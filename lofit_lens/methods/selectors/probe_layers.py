@@ -6,7 +6,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from lofit_lens.baselines.selectors.registry import register_selector
+from lofit_lens.methods.selectors.registry import register_selector
 from lofit_lens.intervention import Head
 
 
@@ -26,4 +26,5 @@ def probe_layer_heads(accuracy: Float[Tensor, "layer head"], k: int) -> list[Hea
 
 @register_selector("probe_layers", uses_probes=True)
 def probe_layers(ctx) -> list[Head]:
+    """Whole layers ranked by their heads' mean probe accuracy, best first, until K heads."""
     return probe_layer_heads(ctx.probes().accuracy, ctx.k)

@@ -1,19 +1,19 @@
 """``compare``: LoFiT and its baselines on one task, one row per method (LoFiT Tables 1-3).
 
-Every (method, seed, fold) run is trained, evaluated on the first eval split and, with
-``out``, saved as ``out/runs/<method>[-fold<f>]-seed<s>.{json,safetensors}`` (a store artifact:
-the record and the method's intervention, reloadable with ``load_intervention``) before the
-next one starts; a later call with the same settings loads those instead of re-running.
+Every (method, seed, fold) run is trained and evaluated through the run engine
+(``lofit_lens.engine``): with ``out``, its phases are saved in ``out`` as they finish, and a
+later call (or ``ll.lofit(checkpoint=out)``, or an analysis with ``cache_dir=out``) with the
+same settings reads them back instead of computing them again. Each run's record is also
+written to ``out/runs/<method>[-fold<f>]-seed<s>.json`` (``load_intervention`` rebuilds its
+intervention).
 TruthfulQA given by name runs folds 0 and 1 (unless ``extra`` fixes a fold); its metrics are
-averaged over the folds per seed, then over seeds. ``zero_shot`` runs for the first seed
-only (it has no seed).
+averaged over the folds per seed, then over seeds. A seed-independent method (``zero_shot``)
+runs for the first seed only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -21,29 +21,27 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from lofit_lens.checkpoint import PhaseCheckpoint
-from lofit_lens.config import NON_RESULT_FIELDS, LoFiTConfig, parse_epochs
-from lofit_lens.baselines.base import BaselineOptions, RunContext
-from lofit_lens.baselines.methods import SEED_INDEPENDENT, get_method
-from lofit_lens.eval.evaluate import example_scores, split_metrics
-from lofit_lens.executors import Executor, ExecutorLike, get_executor
+from lofit_lens import engine
 from lofit_lens.backends.hooked import model_id
-from lofit_lens.intervention import Intervention, rebuild_intervention
-from lofit_lens.intervals import bootstrap_ci, wilson_ci
-from lofit_lens.store import (
-    artifact_exists, folder_lock, jsonable, load_artifact, load_card, save_artifact,
-    write_text,
+from lofit_lens.checkpoint import PhaseCheckpoint
+from lofit_lens.config import LoFiTConfig, parse_epochs
+from lofit_lens.errors import ArtifactError, ConfigError
+from lofit_lens.eval.evaluate import example_scores
+from lofit_lens.executors import Executor, ExecutorLike, get_executor
+from lofit_lens.intervention import Intervention
+from lofit_lens.methods.base import (
+    METHODS, MethodOptions, RunContext, check_methods, get_method, option_keywords, split_options,
 )
-from lofit_lens.run_settings import data_settings, eval_data_settings, model_settings
-from lofit_lens.training import TaskLike, resolve_run, training_data
+from lofit_lens.methods.runs import rebuilt, trained_method
+from lofit_lens.stats import bootstrap_ci, wilson_ci
+from lofit_lens.store import folder_lock, jsonable, load_artifact, load_card, save_artifact, write_text
+from lofit_lens.training import TaskLike, resolve_run
 
 RUN_KIND = "compare_run"
 COUNTS = ("n", "truncated_prompts")
 """Metrics that count examples rather than score them: not averaged into the table."""
 DEFAULT_METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
 Cell = dict[str, Any]
-
-logger = logging.getLogger(__name__)
 
 
 def compare(
@@ -66,17 +64,20 @@ def compare(
     Columns: ``method``; per metric ``<m>`` ("mean ± std" over seeds, in %; the mean alone
     for one seed), ``<m>_mean`` and ``<m>_std`` (fractions; std is NaN for one seed), ``<m>_fold<f>`` (mean over seeds, TruthfulQA); ``params``
     (trainable parameters); ``seconds`` (mean training time per run, ITI probe fitting
-    included, evaluation excluded); ``runs``. ``overrides``: ``LoFiTConfig`` fields and
-    ``BaselineOptions`` fields (``iti_alpha``, ``lora_rank``, ``lora_lr``, ...).
+    included, evaluation excluded); ``runs``. ``overrides``: ``LoFiTConfig`` fields and the
+    methods' options as ``<method>_<field>`` (``iti_alpha``, ``lora_rank``, ``lora_lr``, ...;
+    ``methods.base.option_keywords``).
     With ``out``: also ``compare.csv``, ``compare.md`` and the per-run JSON files.
     ``executor``: ``"local"`` (runs one after another here, the default), ``"ray"`` (each
-    run not already in ``out`` a Ray task; this process saves what they return) or an
-    ``Executor`` (``lofit_lens.executors``).
+    run a Ray task, its phases saved in ``out`` by the worker; this process writes the
+    records) or an ``Executor`` (``lofit_lens.executors``).
     """
-    for name in methods:
-        get_method(name)
-    option_names = {f.name for f in dataclasses.fields(BaselineOptions)}
-    options = BaselineOptions(**{n: overrides.pop(n) for n in list(overrides) if n in option_names})
+    check_methods(methods)
+    options, overrides = split_options(overrides)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(LoFiTConfig)})
+    if unknown:
+        raise ConfigError(f"Unknown compare keywords: {', '.join(unknown)} (neither LoFiTConfig "
+                          f"fields nor method options: {', '.join(option_keywords())})")
     settings: dict[str, Any] = {"k": k, "max_train_examples": max_train_examples,
                                 "max_eval_examples": max_eval_examples, **overrides}
     if epochs is not None:
@@ -95,7 +96,7 @@ def compare(
             ctx = RunContext(model, task_obj, cfg, options, progress and run_cells.in_process,
                              phases)
             for name in methods:
-                if name not in SEED_INDEPENDENT or seed == seeds[0]:
+                if not METHODS[name].seed_independent or seed == seeds[0]:
                     jobs.append((ctx, name, fold))
     if run_cells.in_process:
         cells = [_cell(ctx, name, fold, out) for ctx, name, fold in jobs]
@@ -121,35 +122,34 @@ def _folds(task: TaskLike, extra: Optional[dict[str, Any]]) -> list[Optional[int
 
 
 def _cell(ctx: RunContext, name: str, fold: Optional[int], out: Optional[Path]) -> Cell:
-    """One run's record, loaded from ``out`` when already there with the same settings.
-
-    With ``out``, each run is a store artifact ``runs/<method>[-fold<f>]-seed<s>.{json,
-    safetensors}``: the record as the card, the method's intervention as tensors
-    (``load_intervention`` rebuilds it)."""
-    if out is None:
-        return _run(ctx, name, fold)[0] | {"settings": _settings(ctx)}
-    saved = _saved_cell(ctx, name, fold, out)
-    if saved is not None:
-        return saved
-    cell, intervention = _run(ctx, name, fold)
-    return _store_cell(ctx, name, fold, out, cell, *_portable(intervention))
+    """One run's record: the method trained and evaluated through the engine (its phases
+    read back from ``out`` when saved there), written to ``out/runs/<stem>.json``."""
+    cell = run_record(ctx, name, fold)
+    if out is not None:
+        _write_record(ctx, name, fold, out, cell)
+    return cell
 
 
-def _settings(ctx: RunContext) -> dict[str, Any]:
-    """What a run depends on: the model (weights' hash included), the data it trains and is
-    evaluated on, the config and the methods' options; worked out once per context."""
-    if ctx.settings is None:
-        ctx.settings = _work_out_settings(ctx)
-    return ctx.settings
-
-
-def _work_out_settings(ctx: RunContext) -> dict[str, Any]:
-    data = {**data_settings(training_data(ctx.task, ctx.cfg)),
-            "eval_data": eval_data_settings(ctx.task, ctx.cfg.eval_splits,
-                                            ctx.cfg.max_eval_examples)}
-    return jsonable({"model": model_id(ctx.model), "model_identity": model_settings(ctx.model),
-                     "data": data, "config": ctx.cfg.to_dict(),
-                     "options": dataclasses.asdict(ctx.options)})
+def run_record(ctx: RunContext, name: str, fold: Optional[int]) -> Cell:
+    """The method ``name`` trained on ``ctx`` and evaluated on each of its eval splits, both
+    through the engine (``methods.runs.trained_method``, ``engine.evaluations``)."""
+    trained = trained_method(ctx, name)
+    evaluations = engine.evaluations(ctx.model, ctx.task, ctx.cfg, trained, ctx.phases,
+                                     ctx.progress, name)
+    value = trained.value
+    return jsonable({
+        "method": name, "task": ctx.task.name, "seed": ctx.cfg.seed, "fold": fold,
+        "split": ctx.cfg.eval_splits[0],
+        "metrics": {split: e.metrics for split, e in evaluations.items()},
+        "params": value["params"], "seconds": value["seconds"],
+        "eval_seconds": sum(e.seconds for e in evaluations.values()),
+        "heads": value["heads"], "info": value["info"],
+        "per_example": {split: example_scores(e.predictions) for split, e in evaluations.items()},
+        "settings": {"model": model_id(ctx.model), "config": ctx.cfg.to_dict(),
+                     "options": get_method(name).keywords(ctx.options_for(name))},
+        "cached": trained.cached and all(e.cached for e in evaluations.values()),
+        "trained": None if trained.path is None else trained.path.name,
+    })
 
 
 def _location(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> tuple[Path, str]:
@@ -157,38 +157,12 @@ def _location(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> tup
     return out / "runs", f"{name}{tag}-seed{ctx.cfg.seed}"
 
 
-def _saved_cell(ctx: RunContext, name: str, fold: Optional[int], out: Path) -> Optional[Cell]:
-    """The run saved in ``out`` (checked to have the same settings), or ``None``."""
+def _write_record(ctx: RunContext, name: str, fold: Optional[int], out: Path, cell: Cell) -> None:
+    """``out/runs/<method>[-fold<f>]-seed<s>.json``: the run's record for people and
+    ``load_intervention`` (the engine's phases in ``out`` are the cache)."""
     folder, stem = _location(ctx, name, fold, out)
-    if not artifact_exists(folder, name=stem):
-        return None
-    cell = load_card(folder / f"{stem}.json", kind=RUN_KIND)
-    saved, current = cell.get("settings") or {}, _settings(ctx)
-    if not same_settings(saved, current):
-        changed = sorted(k for k in {**saved, **current} if saved.get(k) != current.get(k))
-        logger.warning("%s.json was computed with other settings (%s changed): computing it "
-                       "again", folder / stem, ", ".join(changed))
-        return None
-    load_artifact(folder, kind=RUN_KIND, name=stem)  # the tensors and companions checked too
-    return cell
-
-
-def _portable(intervention: Optional[Intervention]) -> tuple[Optional[dict[str, Any]], dict]:
-    """An intervention as its saved form (kind and spec, tensors on the CPU): what a Ray task
-    returns and what ``_store_cell`` writes."""
-    if intervention is None:
-        return None, {}
-    return ({"kind": intervention.kind, "spec": intervention.spec()},
-            {k: v.detach().cpu() for k, v in intervention.state_tensors().items()})
-
-
-def _store_cell(ctx: RunContext, name: str, fold: Optional[int], out: Path, cell: Cell,
-                intervention: Optional[dict[str, Any]], tensors: dict) -> Cell:
-    folder, stem = _location(ctx, name, fold, out)
-    cell = jsonable(cell | {"settings": _settings(ctx), "intervention": intervention})
     with folder_lock(out):
-        save_artifact(folder, tensors, cell, kind=RUN_KIND, name=stem)
-    return cell
+        save_artifact(folder, {}, cell, kind=RUN_KIND, name=stem)
 
 
 @dataclass
@@ -197,84 +171,42 @@ class _RunItem:
 
     task: Any
     cfg: LoFiTConfig
-    options: BaselineOptions
+    options: dict[str, MethodOptions]
     name: str
     fold: Optional[int]
     phases: Optional[PhaseCheckpoint] = None
 
 
-def _run_item(model, item: _RunItem) -> tuple[Cell, Optional[dict[str, Any]], dict]:
-    """A run in a worker: its record and its intervention in saved form (the caller saves
-    it, under ``out``'s lock; only a head selection goes to the shared phase store)."""
+def _run_item(model, item: _RunItem) -> Cell:
+    """A run in a worker: its record (its phases go to the shared store, written
+    atomically; ITI probes are fitted once per run, not shared between methods)."""
     ctx = RunContext(model, item.task, item.cfg, item.options, progress=False,
                      phases=item.phases)
-    cell, intervention = _run(ctx, item.name, item.fold)
-    return (cell, *_portable(intervention))
+    return run_record(ctx, item.name, item.fold)
 
 
 def _remote_cells(run_cells: Executor, model, jobs, out: Optional[Path],
                   progress: bool) -> list[Cell]:
-    """The runs of ``jobs``: those saved in ``out`` read here, the rest computed by
-    ``run_cells`` (ITI probes are then fitted once per run, not shared between methods) and
-    saved here as they would be locally."""
-    cells: list[Optional[Cell]] = [None if out is None else _saved_cell(ctx, name, fold, out)
-                                   for ctx, name, fold in jobs]
-    todo = [i for i, cell in enumerate(cells) if cell is None]
-    items = [_RunItem(jobs[i][0].task, jobs[i][0].cfg, jobs[i][0].options, jobs[i][1], jobs[i][2],
-                      jobs[i][0].phases) for i in todo]
-    for i, (cell, intervention, tensors) in zip(
-            todo, run_cells.map(_run_item, model, items, desc="compare runs", progress=progress)):
-        ctx, name, fold = jobs[i]
-        cells[i] = (cell | {"settings": _settings(ctx)} if out is None
-                    else _store_cell(ctx, name, fold, out, cell, intervention, tensors))
-    return cells  # type: ignore[return-value]
-
-
-def same_settings(saved: dict[str, Any], current: dict[str, Any]) -> bool:
-    """Whether a saved run's settings are the current ones, up to the config fields that do
-    not change results (``config.NON_RESULT_FIELDS``) and config or option fields added
-    since (read at their defaults), so folders written by earlier versions keep resuming."""
-    def normal(settings: dict[str, Any]) -> dict[str, Any]:
-        try:
-            config = LoFiTConfig.from_dict(settings.get("config", {})).to_dict()
-        except (TypeError, ValueError):
-            return settings
-        config = {k: v for k, v in config.items() if k not in NON_RESULT_FIELDS}
-        options = {**dataclasses.asdict(BaselineOptions()), **settings.get("options", {})}
-        return jsonable({**settings, "config": config, "options": options})
-
-    return normal(saved) == normal(current)
+    """The runs of ``jobs`` computed by ``run_cells``; their records written here."""
+    items = [_RunItem(ctx.task, ctx.cfg, ctx.options, name, fold, ctx.phases)
+             for ctx, name, fold in jobs]
+    cells = run_cells.map(_run_item, model, items, desc="compare runs", progress=progress)
+    if out is not None:
+        for (ctx, name, fold), cell in zip(jobs, cells):
+            _write_record(ctx, name, fold, out, cell)
+    return cells
 
 
 def load_intervention(card_path: Union[str, Path]) -> Optional[Intervention]:
-    """The intervention a ``compare`` run saved (``runs/<stem>.json``); ``None`` for the
-    plain model (zero-shot)."""
+    """The intervention of a ``compare`` run (``runs/<stem>.json``), rebuilt from the
+    engine's phase it names; ``None`` for the plain model (zero-shot)."""
     card_path = Path(card_path)
-    tensors, card = load_artifact(card_path.parent, kind=RUN_KIND, card_name=card_path.name,
-                                  required=("intervention",))
-    saved = card["intervention"]
-    return None if saved is None else rebuild_intervention(saved["kind"], saved["spec"], tensors)
-
-
-def _run(ctx: RunContext, name: str, fold: Optional[int]) -> tuple[Cell, Optional[Intervention]]:
-    probes_fitted_before = ctx.probe_seconds
-    start = time.perf_counter()
-    run = get_method(name)(ctx)
-    seconds = time.perf_counter() - start
-    if run.info.get("uses_probes") and probes_fitted_before is not None:
-        seconds += probes_fitted_before  # probes were shared from an earlier method
-    start = time.perf_counter()
-    metrics, predictions = split_metrics(ctx.model, ctx.task, ctx.cfg.eval_splits,
-                                         ctx.cfg.max_eval_examples, run.intervention,
-                                         ctx.cfg.eval_batch_size, ctx.progress, label=name,
-                                         max_batch_tokens=ctx.cfg.eval_batch_tokens)
-    return {
-        "method": name, "task": ctx.task.name, "seed": ctx.cfg.seed, "fold": fold,
-        "split": ctx.cfg.eval_splits[0], "metrics": metrics, "params": run.params,
-        "seconds": seconds, "eval_seconds": time.perf_counter() - start,
-        "heads": None if run.heads is None else [list(h) for h in run.heads], "info": run.info,
-        "per_example": {split: example_scores(rows) for split, rows in predictions.items()},
-    }, run.intervention
+    card = load_card(card_path, kind=RUN_KIND)
+    if card.get("trained") is None:
+        raise ArtifactError(f"{card_path} names no saved training (run without out?)")
+    out = card_path.parent.parent
+    tensors, phase = load_artifact(out, kind="phase", name=Path(card["trained"]).stem)
+    return rebuilt({**phase["value"], **tensors})
 
 
 def summary_table(cells: Sequence[Cell], methods: Sequence[str]) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 import einops
@@ -31,6 +32,7 @@ from lofit_lens.config import LoFiTConfig
 from lofit_lens.backends.hooked import attached_hooks, model_device, uses_bridge
 from lofit_lens.errors import ModelMismatchError
 from lofit_lens.intervention import register_intervention
+from lofit_lens.methods.base import Method, MethodOptions, MethodRun, RunContext, register_method
 from lofit_lens.tasks.base import Task
 from lofit_lens.history import TrainingHistory
 from lofit_lens.training import TrainingSet, train_intervention
@@ -153,3 +155,23 @@ def train_lora(model, task: Task, cfg: LoFiTConfig, *, rank: int, alpha: float, 
         batch_size=cfg.batch_size, seed=cfg.seed + 1, weight_decay=cfg.weight_decay,
         adam_eps=cfg.adam_eps, desc="LoRA", progress=progress)
     return lora, history
+
+
+@dataclass(frozen=True)
+class LoRAOptions(MethodOptions):
+    """LoRA's settings (``compare(lora_rank=...)``, ``--lora-rank``)."""
+
+    rank: int = field(default=8, metadata={"help": "rank r of the W_Q and W_V updates"})
+    alpha: float = field(default=8.0, metadata={"help": "scaling: the update is multiplied by alpha / r"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the adapter's input, in training only"})
+    lr: float = field(default=5e-4, metadata={"help": "learning rate (epochs: the run's epochs_bias)"})
+
+
+def run_lora(ctx: RunContext, options: LoRAOptions) -> MethodRun:
+    """LoRA on W_Q and W_V of every layer, trained in LoFiT's loop."""
+    adapter, _ = train_lora(ctx.model, ctx.task, ctx.cfg, rank=options.rank, alpha=options.alpha,
+                            dropout=options.dropout, lr=options.lr, progress=ctx.progress)
+    return MethodRun(adapter, adapter.num_trainable_parameters())
+
+
+register_method(Method("lora", run_lora, LoRAOptions))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from lofit_lens.baselines.selectors.registry import register_selector
-from lofit_lens.phases import stored_selection
+from lofit_lens.methods.selectors.registry import register_selector
+from lofit_lens.engine import selection
 
 
 @register_selector("lofit")
 def lofit_heads(ctx) -> list:
     """Step 1 through the run's phase store (``compare(out=X)`` reads a selection that
     ``ll.lofit(checkpoint=X)`` or an analysis saved in X, and saves its own there)."""
-    return stored_selection(ctx.model, ctx.task, ctx.cfg, ctx.phases, ctx.progress).top(ctx.k)
+    return selection(ctx.model, ctx.task, ctx.cfg, ctx.phases, ctx.progress).top(ctx.k)

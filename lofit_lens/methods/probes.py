@@ -1,5 +1,5 @@
-"""Inference-time intervention (ITI, Li et al. 2023): per-head linear probes, then a fixed
-shift ``alpha * sigma * theta`` on the top-K heads' ``hook_z``.
+"""ITI's per-head linear probes (Li et al. 2023), fitted once per run (``RunContext.probes``)
+and read by ``iti`` and the ``iti_heads`` and ``probe_layers`` selectors.
 
 Probe data, from the task's TRAINING examples, with the prompt the trainer uses
 (``task.training_examples``; for TruthfulQA the short ``"Q: {question} A:"`` as in ITI's
@@ -16,20 +16,17 @@ Under the ``official`` protocol on TruthfulQA, as honest_llama (the copy lo-fit 
 - probes train on the fold's train CSV and validate on its val CSV; theta uses both;
 - sigma is the std of the projections of last-token activations of
   ``"Q: {q} A: {answer} Q: {random other question}"`` over every answer of every question
-  of the fold's three CSVs (all 817, test included), true and false alike;
-- the shift is added on answer tokens only during MC scoring, from the position honest_llama
-  computes as "context + 4" (the second answer token when "\nA:" is three tokens), and on
-  the last position of each forward pass during generation.
+  of the fold's three CSVs (all 817, test included), true and false alike (``end_q_statements``).
 Its probe answers come from HF's ``truthful_qa`` multiple-choice set, which is not here
 offline; the CSV's correct and incorrect answers stand in for them (docs/protocol.md).
-``clean``: the 4:1 split, sigma over the probe data, the shift at every position.
+``clean``: the 4:1 split, sigma over the probe data.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import einops
 import numpy as np
@@ -38,10 +35,9 @@ from jaxtyping import Float, Int
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-from lofit_lens.baselines.activations import last_token_activations
-from lofit_lens.backends.hooked import ModelDims, hook_z_name, model_dims
-from lofit_lens.intervention import Head, HeadIntervention, register_intervention, top_heads
-from lofit_lens.eval.positions import current_answer_index
+from lofit_lens.backends.hooked import hook_z_name, model_dims
+from lofit_lens.intervention import Head, top_heads
+from lofit_lens.methods.activations import last_token_activations
 from lofit_lens.tasks.base import ChoiceExample, Example, GenerationExample, Task
 
 VAL_FRACTION = 0.2
@@ -134,71 +130,6 @@ def _val_rows(groups: Int[Tensor, " n"], seed: int) -> np.ndarray:
     random.Random(seed).shuffle(unique)
     held = set(unique[:max(1, round(VAL_FRACTION * len(unique)))])
     return np.array([g in held for g in groups.tolist()])
-
-
-Where = Literal["all", "last", "answer"]
-
-
-@register_intervention
-class ITIShift(HeadIntervention):
-    """ITI's frozen shift at ``hook_z``, applied ``where`` honest_llama applies it:
-    ``all`` positions, the ``last`` position of each forward (generation), or ``answer``
-    tokens of MC scoring from index ``answer_offset`` on (``lofit_lens.eval.positions``)."""
-
-    kind: ClassVar[str] = "iti_shift"
-
-    def __init__(self, dims: ModelDims, where: Where = "all", answer_offset: int = 0):
-        super().__init__(dims, use_scale=False, use_bias=True)
-        if where not in ("all", "last", "answer"):
-            raise ValueError(f"where must be 'all', 'last' or 'answer', got {where!r}")
-        self.where, self.answer_offset = where, answer_offset
-
-    def spec(self) -> dict[str, Any]:
-        return {"dims": list(self.dims), "where": self.where, "answer_offset": self.answer_offset}
-
-    @classmethod
-    def from_saved(cls, spec: dict[str, Any], tensors: dict[str, Tensor]) -> "ITIShift":
-        module = cls(ModelDims(*spec["dims"]), spec["where"], spec["answer_offset"])
-        with torch.no_grad():
-            module.bias.copy_(tensors["bias"])
-            module.head_mask.copy_(tensors["head_mask"].bool())
-        return module
-
-    def edit(self, z: Float[Tensor, "batch pos head d_head"], layer: int) -> Float[Tensor, "batch pos head d_head"]:
-        if self.where == "all":
-            return super().edit(z, layer)
-        offset = (self.bias[layer] * self.head_mask[layer, :, None]).to(z.dtype)  # [head, d_head]
-        if self.where == "last":
-            at = torch.zeros(z.shape[:2], dtype=torch.bool, device=z.device)
-            at[:, -1] = True
-        else:
-            index = current_answer_index()
-            if index is None or tuple(index.shape) != tuple(z.shape[:2]):
-                raise RuntimeError("An ITI shift on answer tokens needs multiple-choice scoring "
-                                   "(lofit_lens.eval.mc_scoring) to say where the answers are")
-            at = index.to(z.device) >= self.answer_offset
-        return z + einops.einsum(at.to(z.dtype), offset, "b p, head d -> b p head d")
-
-
-def honest_llama_answer_offset(tokenizer, prompt: str) -> int:
-    """Where honest_llama's MC shift starts within the answer: it edits from "context + 4",
-    the context being the prompt without its final "\nA:", on the belief that "\nA: " is
-    4 tokens. With "\nA:" as c tokens that is answer index 4 - c (1 on Llama and SmolLM2)."""
-    if not prompt.endswith("\nA:"):
-        return 0
-    c = len(tokenizer(prompt).input_ids) - len(tokenizer(prompt[:-3]).input_ids)
-    return max(0, 4 - c)
-
-
-def iti_intervention(dims: ModelDims, probes: Probes, heads: Sequence[Head], alpha: float,
-                     where: Where = "all", answer_offset: int = 0) -> ITIShift:
-    """The ITI shift as a frozen bias at ``hook_z`` (0 trainable parameters)."""
-    intervention = ITIShift(dims, where, answer_offset).set_heads(heads)
-    shift = alpha * probes.sigma[..., None] * probes.direction
-    with torch.no_grad():
-        intervention.bias.copy_(shift * intervention.head_mask[..., None])
-    intervention.bias.requires_grad_(False)
-    return intervention
 
 
 def end_q_statements(examples: Sequence[ChoiceExample], seed: int) -> list[tuple[str, str]]:
