@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-
+from lofit_lens import engine
 from lofit_lens.backends.fingerprint import model_fingerprint
 from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.checkpoint import PhaseCheckpoint, logged_phase, run_phase
+from lofit_lens.checkpoint import PhaseCheckpoint
 from lofit_lens.config import LoFiTConfig, parse_epochs
-from lofit_lens.eval.evaluate import split_metrics
-from lofit_lens.history import RunHistory, RunTimings, TrainingHistory
-from lofit_lens.phases import stored_selection
+from lofit_lens.history import RunHistory, RunTimings
 from lofit_lens.result import LoFiTResult
-from lofit_lens.run_settings import (
-    STEP2_FIELDS, eval_data_settings, model_settings, step_settings, task_settings,
-)
+from lofit_lens.selection_quality import bootstrap_selections, selection_quality, warn_if_noise
 from lofit_lens.tasks.hygiene import check_data
-from lofit_lens.training import (
-    TaskLike, TrainingSet, resolve_run, training_data, tune_biases,
-)
+from lofit_lens.training import TaskLike, TrainingSet, resolve_run, training_data
 
 Epochs = Union[int, tuple[int, int], None]
 
@@ -61,58 +54,48 @@ def lofit(
         overrides.update(epochs_select=select, epochs_bias=bias)
     task_obj, cfg = resolve_run(task, config, overrides)
     check_data(task_obj, strict=cfg.strict_data)  # DataWarning, or DataError before any work
-    dims = model_dims(model)
-    n_heads = cfg.num_heads(dims.total_heads)
+    n_heads = cfg.num_heads(model_dims(model).total_heads)
     examples = training_data(task_obj, cfg)  # read and hashed once per run
-    ckpt = None if checkpoint is None else PhaseCheckpoint(checkpoint)
-
-    def evaluation(label: str, intervention=None) -> dict:
-        start = time.perf_counter()
-        m, p = split_metrics(model, task_obj, cfg.eval_splits, cfg.max_eval_examples,
-                             intervention, cfg.eval_batch_size, progress, label,
-                             cfg.eval_batch_tokens)
-        return {"metrics": m, "predictions": p, "seconds": time.perf_counter() - start}
+    store = None if checkpoint is None else PhaseCheckpoint(checkpoint)
 
     @functools.cache
     def data() -> TrainingSet:  # encoded once for both steps (DPO: reference log-probs too)
         return TrainingSet.build(model, task_obj, cfg, examples)
 
-    def tuning() -> dict:
-        t = tune_biases(model, task_obj, heads, config=cfg, progress=progress, data=data())
-        return {"bias": t.bias, "history": t.history.to_dict()}
-
-    evals = {}
+    evals: dict[str, dict[str, engine.Evaluation]] = {}
     if zero_shot and cfg.eval_splits:
-        evaluated = {**model_settings(model), "task": task_settings(task_obj),
-                     "eval_data": eval_data_settings(task_obj, cfg.eval_splits,
-                                                     cfg.max_eval_examples)}
-        evals["zero_shot"] = run_phase(ckpt, "zero_shot", evaluated, lambda: evaluation("zero_shot"))
-    selected = stored_selection(model, task_obj, cfg, ckpt, progress, data, examples)
-    selection_history = selected.history
+        evals["zero_shot"] = engine.evaluations(model, task_obj, cfg, engine.UNTOUCHED, store,
+                                                progress, "zero_shot")
+    selected = engine.selection(model, task_obj, cfg, store, progress, data, examples)
     heads = selected.top(n_heads)
-    tuned = run_phase(ckpt, "tune", {**step_settings(model, task_obj, cfg, STEP2_FIELDS, examples),
-                                     "heads": heads}, tuning)
-    history = RunHistory(selection_history, TrainingHistory.from_dict(tuned["history"]))
+    refits = bootstrap_selections(model, task_obj, cfg, cfg.selection_bootstrap, progress, store)
+    quality = selection_quality(selected, n_heads, others=refits)
+    warn_if_noise(quality)
+    tuned = engine.tuning(model, task_obj, cfg, heads, store, progress, data, examples)
+    history = RunHistory(selected.history, engine.tuned_history(tuned))
     result = LoFiTResult(
         config=cfg,
         model_id=model_id(model),
         head_scores=selected.scores,
         scale=selected.scale,
-        bias=tuned["bias"],
+        bias=tuned.value["bias"],
         selected_heads=heads,
         history=history,
         data_hash=examples.data_hash,
         model_fingerprint=model_fingerprint(model),
         model_dtype=str(getattr(model.cfg, "dtype", "")),
+        selection_quality=quality,
     )
     if cfg.eval_splits:
-        with logged_phase("lofit"):
-            evals["lofit"] = evaluation("lofit", result.intervention())
-    result.metrics = {label: e["metrics"] for label, e in evals.items()}
-    result.predictions = {f"{label}/{split}": rows for label, e in evals.items()
-                          for split, rows in e["predictions"].items()}
-    result.timings = RunTimings(
-        select=history.select.seconds, tune=history.tune.seconds,
-        eval_zero_shot=evals["zero_shot"]["seconds"] if "zero_shot" in evals else None,
-        eval_lofit=evals["lofit"]["seconds"] if "lofit" in evals else None)
+        evals["lofit"] = engine.evaluations(model, task_obj, cfg, tuned, store, progress, "lofit")
+    result.metrics = {label: {split: e.metrics for split, e in per_split.items()}
+                      for label, per_split in evals.items()}
+    result.predictions = {f"{label}/{split}": e.predictions for label, per_split in evals.items()
+                          for split, e in per_split.items()}
+
+    def seconds(label: str) -> Optional[float]:
+        return sum(e.seconds for e in evals[label].values()) if label in evals else None
+
+    result.timings = RunTimings(select=history.select.seconds, tune=history.tune.seconds,
+                                eval_zero_shot=seconds("zero_shot"), eval_lofit=seconds("lofit"))
     return result

@@ -1,4 +1,5 @@
-"""Finished phases of a run kept on disk, so an interrupted run resumes where it stopped.
+"""The run engine's store: finished phases kept on disk, so an interrupted run resumes where
+it stopped and another run with the same settings reads them back (``lofit_lens.engine``).
 
 Each phase is one store artifact (``lofit_lens.store``) named by the phase and a hash of the
 settings that phase depends on: a rerun with other settings never picks up stale work, and
@@ -15,6 +16,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from torch import Tensor
@@ -57,29 +59,45 @@ class PhaseCheckpoint:
         tensors, card = load_artifact(self.directory, kind="phase", name=stem)
         return {**card["value"], **tensors}
 
-    def run(self, phase: str, settings: dict[str, Any], compute: Callable[[], Phase]) -> Phase:
-        """``compute()``'s value for ``phase``: loaded if a run with these ``settings`` saved
-        it, else computed and saved before it is returned."""
+    def record(self, phase: str, settings: dict[str, Any], compute: Callable[[], Phase],
+               label: Optional[str] = None) -> "StoredPhase":
+        """``compute()``'s value for ``phase`` with its key and whether it was read back:
+        loaded if a run with these ``settings`` saved it, else computed and saved first.
+        ``label``: the phase's name in the log (default: ``phase``)."""
         key = settings_key(settings)
         stem = f"{phase}-{key}"
         saved = self._load(stem)
         if saved is not None:
-            logger.info("%s: read from %s", phase, self.directory)
-            return saved
-        with logged_phase(phase):
+            logger.info("%s: read from %s", label or phase, self.directory)
+            return StoredPhase(saved, key, True, self.directory / f"{stem}.json", settings)
+        with logged_phase(label or phase):
             value = compute()
         tensors = {k: v for k, v in value.items() if isinstance(v, Tensor)}
         rest = {k: v for k, v in value.items() if k not in tensors}
         with folder_lock(self.directory) if self.lock else contextlib.nullcontext():
-            save_artifact(self.directory, tensors, {"phase": phase, "key": key, "value": rest},
-                          kind="phase", name=stem)
-        return {**jsonable(rest), **tensors}  # as a resumed run reads it back
+            path = save_artifact(self.directory, tensors, {"phase": phase, "key": key, "value": rest,
+                                                           "settings": settings},
+                                 kind="phase", name=stem)
+        return StoredPhase({**jsonable(rest), **tensors}, key, False, path, settings)  # as read back
 
 
-def run_phase(checkpoint: Optional[PhaseCheckpoint], phase: str, settings: dict[str, Any],
-              compute: Callable[[], Phase]) -> Phase:
-    """``compute()``, through ``checkpoint`` when there is one; logged either way."""
+@dataclass(frozen=True)
+class StoredPhase:
+    """A phase's value, its key (``store.settings_key`` of its settings), whether it was read
+    back, its card (``None``: not saved) and the settings it was computed with."""
+
+    value: Phase
+    key: str
+    cached: bool
+    path: Optional[Path]
+    settings: dict[str, Any]
+
+
+def phase_record(checkpoint: Optional[PhaseCheckpoint], phase: str, settings: dict[str, Any],
+                 compute: Callable[[], Phase], label: Optional[str] = None) -> StoredPhase:
+    """``compute()`` through ``checkpoint`` when there is one (else computed, not saved);
+    logged either way (as ``label``, default ``phase``)."""
     if checkpoint is not None:
-        return checkpoint.run(phase, settings, compute)
-    with logged_phase(phase):
-        return compute()
+        return checkpoint.record(phase, settings, compute, label)
+    with logged_phase(label or phase):
+        return StoredPhase(compute(), settings_key(settings), False, None, settings)

@@ -9,26 +9,21 @@ them reuses saved work.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from lofit_lens.backends.fingerprint import model_fingerprint
 from lofit_lens.backends.hooked import model_dims, model_id
-from lofit_lens.config import LoFiTConfig, step_fields
+from lofit_lens.config import NON_RESULT_FIELDS, STEPS, LoFiTConfig, step_fields
 from lofit_lens.tasks.base import Task, hash_examples
 from lofit_lens.training import RunData, training_data
 from lofit_lens.versions import library_versions
 
-STEP1_FIELDS = step_fields("select")
-STEP2_FIELDS = step_fields("tune")
-"""The config fields of each training step's key: marked on the fields (``steps=``)."""
-EVAL_SPLIT = "test"
 NUMERIC_VERSIONS = ("lofit-lens", "torch", "transformers", "transformer-lens")
 """The packages whose version can change a computed number."""
-
-
-
-def config_fields(cfg: LoFiTConfig, fields: Sequence[str]) -> dict[str, Any]:
-    return {f: getattr(cfg, f) for f in fields}
+EVAL_SPLIT = "test"
+"""The split the analyses evaluate."""
+PHASES = ("select", "tune", "evaluate", "method")
+"""Step 1, step 2, an evaluation on one split, a compared method's training."""
 
 
 def model_settings(model) -> dict[str, Any]:
@@ -45,32 +40,44 @@ def data_settings(data: RunData) -> dict[str, Any]:
             "val_hash": hash_examples(data.val), "n_val": len(data.val)}
 
 
-def eval_data_settings(task: Task, splits: Sequence[str],
-                       max_examples: int | None) -> dict[str, str]:
-    """The hash of each evaluated split's rows, as evaluation reads them."""
-    return {split: hash_examples(task.eval_examples(split, max_examples)) for split in splits}
-
-
 def task_settings(task: Task) -> dict[str, Any]:
-    """The task's identity without file locations (data content is hashed separately)."""
-    return {k: v for k, v in task.describe().items() if k not in ("data_dir", "files")}
+    """The task's identity without file locations (data content is hashed separately), and
+    for generation its decoding settings."""
+    settings = {k: v for k, v in task.describe().items() if k not in ("data_dir", "files")}
+    if task.kind == "generation":
+        settings["decoding"] = {"max_new_tokens": task.max_new_tokens,
+                                "stop_strings": list(task.stop_strings)}
+    return settings
 
 
-def eval_examples(task: Task, cfg: LoFiTConfig):
-    return task.eval_examples(EVAL_SPLIT, cfg.max_eval_examples)
+def result_fields(cfg: LoFiTConfig) -> dict[str, Any]:
+    """Every config field that can change a number (all but ``NON_RESULT_FIELDS``)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in NON_RESULT_FIELDS}
 
 
-def step_settings(model, task: Task, cfg: LoFiTConfig, fields: Sequence[str],
-                  data: Optional[RunData] = None) -> dict[str, Any]:
-    """Model, task, training-data hash and the config ``fields`` of one training step
-    (``data``: the run's training data when already read, else read here)."""
-    return {**model_settings(model), "task": task_settings(task),
-            **data_settings(data or training_data(task, cfg)), **config_fields(cfg, fields)}
+def phase_settings(phase: str, model, task: Task, cfg: LoFiTConfig, *,
+                   data: Optional[RunData] = None, **extra: Any) -> dict[str, Any]:
+    """What the cache key of ``phase`` hashes: the model (weights' hash, versions), the task,
+    then per phase
 
+    * ``select`` / ``tune``: the hashes of the training and validation rows and the config
+      fields marked with that step (``config.step_fields``);
+    * ``evaluate``: the split (``extra["split"]``) and the hash of its rows as evaluation
+      reads them; ``extra["made_by"]`` names what is evaluated (the key of the phase that
+      trained it; ``None``: the untouched model);
+    * ``method``: the training data and every config field that can change a number.
 
-def eval_settings(model, task: Task, cfg: LoFiTConfig) -> dict[str, Any]:
-    rows = eval_examples(task, cfg)
-    return {**model_settings(model), "task": task_settings(task), "split": EVAL_SPLIT,
-            "eval_hash": hash_examples(rows), "n_eval": len(rows)}
-
+    ``data``: the run's training data when already read (else read here); ``extra``: more
+    settings of the phase (heads, a method's name and options), kept as given."""
+    if phase not in PHASES:
+        raise ValueError(f"phase={phase!r}: one of {PHASES}")
+    settings = {"phase": phase, **model_settings(model), "task": task_settings(task)}
+    if phase == "evaluate":
+        rows = task.eval_examples(extra["split"], cfg.max_eval_examples)
+        settings.update(eval_hash=hash_examples(rows), n_eval=len(rows))
+    else:
+        settings.update(data_settings(data or training_data(task, cfg)))
+        settings.update({f: getattr(cfg, f) for f in step_fields(phase)} if phase in STEPS
+                        else result_fields(cfg))
+    return {**settings, **extra}
 

@@ -357,5 +357,5 @@ def test_cli_num_processes_matches_one_process(hf_folder, tiny_task_file, tmp_pa
     assert one.selected_heads == two.selected_heads
     torch.testing.assert_close(two.bias, one.bias, atol=1e-6, rtol=0)
     phases = sorted(p.name.split("-")[0] for p in (tmp_path / "two" / "checkpoint").glob("*.json"))
-    assert phases == ["select", "tune", "zero_shot"]  # rank 0's only: one file per phase
+    assert phases == ["evaluate", "evaluate", "select", "tune"]  # rank 0's only: one per phase
     assert main(args + ["--out", str(tmp_path / "two"), "--num-processes", "2"]) == 0  # resumes

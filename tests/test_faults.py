@@ -648,8 +648,8 @@ def test_diverged_training_stops_and_keeps_finished_phases(tiny_model, tiny_task
     kwargs = dict(k=2, epochs=2, eval_splits=("val",), checkpoint=tmp_path, **QUICK)
     with pytest.raises(TrainingDivergedError, match="step 2: tune biases.*lower the learning rate"):
         ll.lofit(tiny_model, str(tiny_task_file), **{**kwargs, "lr_bias": lr})
-    assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"zero_shot", "select"}
-    monkeypatch.setattr("lofit_lens.phases.select_heads", lambda *a, **k: pytest.fail("recomputed"))
+    assert {p.name.split("-")[0] for p in tmp_path.glob("*.json")} == {"evaluate", "select"}
+    monkeypatch.setattr("lofit_lens.engine.select_heads", lambda *a, **k: pytest.fail("recomputed"))
     result = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)  # resumes after step 1
     assert torch.isfinite(result.bias).all()
 
@@ -944,7 +944,7 @@ def test_unknown_compare_method_is_named_before_the_model_loads(no_model, monkey
     err = _cli_error(["compare", "--task", "clutrr", "--methods", "lofit", "bogus", "iti2"],
                      capsys)
     assert "Unknown methods 'bogus', 'iti2'; known methods: zero_shot, iti, lofit" in err
-    from lofit_lens.baselines.methods import check_methods, get_method
+    from lofit_lens.methods import check_methods, get_method
 
     with pytest.raises(ConfigError, match="Unknown method 'bogus'"):
         get_method("bogus")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lofit_lens as ll
-from lofit_lens.batching import collate, encode_pair, pad_id
+from lofit_lens.padding import collate, encode_pair, pad_id
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.backends.hooked import model_dims
 from lofit_lens.losses import sft_loss
@@ -101,14 +101,15 @@ def test_config_round_trip():
 def test_checkpoint_resumes_finished_phases(tiny_model, tiny_task_file, tmp_path, monkeypatch):
     kwargs = dict(k=2, epochs=1, eval_splits=("val",), checkpoint=tmp_path, **QUICK)
     first = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
-    assert len(list(tmp_path.glob("*.json"))) == 3  # zero-shot, step 1, step 2
-    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    # zero-shot evaluation, step 1, step 2, LoFiT's evaluation
+    assert len(list(tmp_path.glob("*.json"))) == len(list(tmp_path.glob("*.safetensors"))) == 4
 
     def fail(*args, **kw):
         raise AssertionError("a finished phase was recomputed")
 
-    monkeypatch.setattr("lofit_lens.phases.select_heads", fail)
-    monkeypatch.setattr("lofit_lens.api.tune_biases", fail)
+    monkeypatch.setattr("lofit_lens.engine.select_heads", fail)
+    monkeypatch.setattr("lofit_lens.engine.tune_biases", fail)
+    monkeypatch.setattr("lofit_lens.engine.evaluate", fail)
     again = ll.lofit(tiny_model, str(tiny_task_file), **kwargs)
     assert torch.equal(again.bias, first.bias) and again.selected_heads == first.selected_heads
     assert again.metrics == first.metrics
@@ -136,8 +137,8 @@ def test_checkpoint_recomputes_what_an_edit_changed(tiny_model, tiny_task_file, 
     def fail(*args, **kw):
         raise AssertionError("a training step was recomputed")
 
-    monkeypatch.setattr("lofit_lens.phases.select_heads", fail)
-    monkeypatch.setattr("lofit_lens.api.tune_biases", fail)
+    monkeypatch.setattr("lofit_lens.engine.select_heads", fail)
+    monkeypatch.setattr("lofit_lens.engine.tune_biases", fail)
     again = ll.lofit(tiny_model, str(task), **kwargs)
     assert torch.equal(again.bias, first.bias)  # training reused
     answers = {a for row in again.predictions["zero_shot/test"] for a in row["answers"]}

@@ -7,6 +7,7 @@ is checked on synthetic correctness vectors.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,16 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lofit_lens import phases
-from lofit_lens.analysis import cells as run_cache
-from lofit_lens.backends.hooked import model_dims
-from lofit_lens.intervals import wilson_ci
+from lofit_lens import engine
+from lofit_lens.backends.hooked import ModelDims, model_dims
 from lofit_lens.analysis.plotting import plot_data_efficiency, plot_k_sweep, save_figure
-from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.methods.selectors import random_heads
 from lofit_lens.store import settings_key
 from lofit_lens.analysis.sweeps import data_efficiency, k_sweep
 from lofit_lens.training import TrainingSet
-from lofit_lens.analysis.stats import paired_bootstrap_p
+from lofit_lens.stats import paired_bootstrap_p, wilson_ci
 from lofit_lens.analysis.transfer import compare_to_same_task, significance_mark, transfer_matrix
 
 torch.set_num_threads(1)
@@ -34,7 +33,7 @@ BUDGET = dict(epochs_select=1, epochs_bias=1, max_train_examples=8, max_val_exam
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the training calls made through the cache layer."""
+    """Counts the training calls made through the engine."""
     counts = {"select": 0, "tune": 0}
 
     def counting(name, fn):
@@ -43,8 +42,22 @@ def calls(monkeypatch):
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(phases, "select_heads", counting("select", phases.select_heads))
-    monkeypatch.setattr(run_cache, "tune_biases", counting("tune", run_cache.tune_biases))
+    monkeypatch.setattr(engine, "select_heads", counting("select", engine.select_heads))
+    monkeypatch.setattr(engine, "tune_biases", counting("tune", engine.tune_biases))
+    return counts
+
+
+@pytest.fixture
+def evaluations(monkeypatch):
+    """Counts the evaluations the engine computes."""
+    counts = [0]
+    real = engine.evaluate
+
+    def counting(*args, **kwargs):
+        counts[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", counting)
     return counts
 
 
@@ -80,7 +93,7 @@ def test_marks_thresholds_and_bad_input():
 
 
 def test_random_heads_seeded_and_distinct():
-    dims = run_cache.ModelDims(3, 4, 8)
+    dims = ModelDims(3, 4, 8)
     a, b = random_heads(dims, 5, 0), random_heads(dims, 5, 1)
     assert a == random_heads(dims, 5, 0) and a != b
     assert len(set(a)) == 5 and all(0 <= l < 3 and 0 <= h < 4 for l, h in a)
@@ -114,13 +127,17 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, arithmetic_tasks, t
         assert (c["ci_low"], c["ci_high"]) == pytest.approx(wilson_ci(round(3 * c["accuracy"]), 3))
     assert all("[" in t for row in res.figure().data[0].text for t in row)
     assert all(len(h) == 2 for h in res.heads.values())
-    files = sorted((tmp_path / "cache" / "tiny-llama" / "cells").glob("*/bias-*.json"))
-    assert len(files) == 6
-    cell = json.loads(files[0].read_text())
-    assert {"settings", "key", "correct", "metrics", "heads", "accuracy", "tensors_sha256"} <= set(cell)
-    v = load_file(str(files[0].with_suffix(".safetensors")))["bias"]  # v on the 2 heads
-    assert v.shape == (2, model_dims(tiny_model).d_head)
-    assert len(cell["correct"]) == 3 and cell["settings"]["epochs_bias"] == 1
+    tunes = sorted((tmp_path / "cache").glob("tune-*.json"))
+    assert len(tunes) == 6 and len(list((tmp_path / "cache").glob("evaluate-*.json"))) == 6
+    card = json.loads(tunes[0].read_text())
+    assert {"settings", "key", "value", "tensors_sha256"} <= set(card)
+    assert card["settings"]["epochs_bias"] == 1 and len(card["settings"]["heads"]) == 2
+    v = load_file(str(tunes[0].with_suffix(".safetensors")))["bias"]  # v, zero off the 2 heads
+    assert v.shape == tuple(model_dims(tiny_model)[:3])
+    cell = res.cells.iloc[0]
+    evaluation = json.loads(Path(cell["file"]).read_text())
+    assert evaluation["settings"]["made_by"] in {json.loads(t.read_text())["key"] for t in tunes}
+    assert len(evaluation["value"]["predictions"]) == 3
     assert len(list((tmp_path / "cache").glob("select-*.safetensors"))) == 2
 
     again = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path / "cache",
@@ -133,17 +150,17 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, arithmetic_tasks, t
 
 def test_interrupted_transfer_resumes_only_missing_cells(tiny_model, arithmetic_tasks, tmp_path, calls,
                                                          monkeypatch):
-    real = run_cache.tune_biases
+    real = engine.tune_biases
 
     def dies_on_third(*args, **kwargs):
         if calls["tune"] == 3:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_cache, "tune_biases", dies_on_third)
+    monkeypatch.setattr(engine, "tune_biases", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
         transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path, progress=False, **BUDGET)
-    monkeypatch.setattr(run_cache, "tune_biases", real)
+    monkeypatch.setattr(engine, "tune_biases", real)
     calls.update(select=0, tune=0)
     res = transfer_matrix(tiny_model, arithmetic_tasks, k=2, cache_dir=tmp_path, progress=False, **BUDGET)
     assert calls == {"select": 0, "tune": 3}  # 2 cells and both selections were on disk
@@ -151,7 +168,7 @@ def test_interrupted_transfer_resumes_only_missing_cells(tiny_model, arithmetic_
     assert not list(tmp_path.rglob("*.partial"))
 
 
-def test_other_settings_are_not_reused(tiny_model, arithmetic_tasks, tmp_path, calls):
+def test_other_settings_are_not_reused(tiny_model, arithmetic_tasks, tmp_path, calls, evaluations):
     transfer_matrix(tiny_model, arithmetic_tasks[:1], k=2, cache_dir=tmp_path, random_heads=False,
                     progress=False, **BUDGET)
     assert calls == {"select": 1, "tune": 1}
@@ -166,9 +183,11 @@ def test_other_settings_are_not_reused(tiny_model, arithmetic_tasks, tmp_path, c
     transfer_matrix(tiny_model, arithmetic_tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
                     progress=False, seed=1, **BUDGET)
     assert calls == {"select": 3, "tune": tuned + 1}
+    evaluated = evaluations[0]
     transfer_matrix(tiny_model, arithmetic_tasks[:1], k=3, cache_dir=tmp_path, random_heads=False,
                     progress=False, **{**BUDGET, "max_eval_examples": 2})
-    assert calls == {"select": 3, "tune": tuned + 2}  # same training, other evaluation set
+    # same training (v is read back), other evaluation set: only the evaluation is new
+    assert calls == {"select": 3, "tune": tuned + 1} and evaluations[0] == evaluated + 1
 
 
 def test_task_overrides_and_sources(tiny_model, arithmetic_tasks, tmp_path):
@@ -268,8 +287,8 @@ def test_analysis_module_writes_figures_and_tables(module, tiny_model, data_dir,
     info = json.loads((out / "run_info.json").read_text())
     assert set(info["files"]) <= written
     # a rerun reads everything from the cache
-    monkeypatch.setattr(phases, "select_heads", None)
-    monkeypatch.setattr(run_cache, "tune_biases", None)
+    monkeypatch.setattr(engine, "select_heads", None)
+    monkeypatch.setattr(engine, "tune_biases", None)
     assert mod.main(argv) == 0
 
 
@@ -357,11 +376,40 @@ def test_a_selection_saved_by_lofit_is_reused_by_transfer_matrix(tiny_model, ari
     assert calls["select"] == 2 and res.heads["double"] == again.selected_heads
 
 
-def test_compare_reuses_the_selection_lofit_saved(tiny_model, arithmetic_tasks, tmp_path, calls):
+def test_compare_reuses_the_selection_lofit_saved(tiny_model, arithmetic_tasks, tmp_path, calls,
+                                                  evaluations):
+    """``compare(out=X)``'s lofit and zero-shot rows are the phases ``ll.lofit(checkpoint=X)``
+    saved: no second selection, tuning or evaluation."""
     import lofit_lens as ll
 
-    ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path, zero_shot=False,
-             eval_splits=(), progress=False, **BUDGET)
-    frame = ll.compare(tiny_model, arithmetic_tasks[0], methods=["lofit"], k=2, out=tmp_path,
-                       progress=False, **BUDGET)
-    assert calls["select"] == 1 and list(frame["method"]) == ["lofit"]
+    result = ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path,
+                      progress=False, **BUDGET)
+    assert calls == {"select": 1, "tune": 1} and evaluations == [2]
+    frame = ll.compare(tiny_model, arithmetic_tasks[0], methods=["zero_shot", "lofit"], k=2,
+                       out=tmp_path, progress=False, **BUDGET)
+    assert calls == {"select": 1, "tune": 1} and evaluations == [2]
+    assert list(frame["method"]) == ["zero_shot", "lofit"]
+    for label in ("zero_shot", "lofit"):
+        shown = frame.set_index("method").loc[label, "exact_match_mean"]
+        assert shown == result.metrics[label]["test"]["exact_match"]
+
+
+def test_lofit_phases_are_the_analyses_cells(tiny_model, arithmetic_tasks, tmp_path, calls,
+                                             evaluations):
+    """One engine: ``ll.lofit(checkpoint=X)`` selects, tunes and evaluates (0-shot and LoFiT,
+    test split); ``transfer_matrix`` and ``k_sweep`` on X with the same settings then compute
+    nothing of that task again: their same-task and 0-shot cells are lofit's phases."""
+    import lofit_lens as ll
+
+    result = ll.lofit(tiny_model, arithmetic_tasks[0], k=2, seed=0, checkpoint=tmp_path,
+                      progress=False, **BUDGET)
+    assert calls == {"select": 1, "tune": 1} and evaluations == [2]
+    frame = k_sweep(tiny_model, arithmetic_tasks[0], fractions=(2 / 12,), cache_dir=tmp_path,
+                    progress=False, **BUDGET)
+    assert calls == {"select": 1, "tune": 1} and evaluations == [2] and frame["cached"].all()
+    by_method = frame.set_index("method")["accuracy"]
+    assert by_method["lofit"] == result.metrics["lofit"]["test"]["exact_match"]
+    assert by_method["zero_shot"] == result.metrics["zero_shot"]["test"]["exact_match"]
+    transfer_matrix(tiny_model, arithmetic_tasks[:1], k=2, cache_dir=tmp_path, progress=False,
+                    **BUDGET)
+    assert calls["select"] == 1 and calls["tune"] == 2  # only the random-heads row is new

@@ -1,17 +1,11 @@
-"""On-disk cache for analyses: head selections and evaluated bias-tuning cells.
+"""The analyses' cells: head selections, and v tuned on given heads then evaluated.
 
-Every entry is a store artifact (``lofit_lens.store``) keyed by a hash of the settings that
-determine it (``lofit_lens.run_settings``: model id, shape, dtype and weights' hash; the
-versions; the task and a hash of its training / evaluation data; the step's hyperparameters
-and seed), so a cache written with other settings is never reused, and an interrupted
-analysis resumes where it stopped.
-
-Layout under ``cache_dir``::
-
-    select-<key>.{json,safetensors}  (step 1: the phase ``ll.lofit(checkpoint=cache_dir)``
-                                      saves, so either reuses the other's selection)
-    <model>/cells/<task>/bias-<key>.{json,safetensors}  (v tuned on given heads, then evaluated)
-    <model>/cells/<task>/zero_shot-<key>.{json,safetensors}  (the untouched model evaluated)
+A cell is phases of the run engine (``lofit_lens.engine``) in ``cache_dir``: ``select``,
+``tune`` and ``evaluate`` records keyed by ``run_settings.phase_settings`` (the model and its
+weights' hash, the versions, the task, the hashes of the data read, the step's settings). So
+a cell is computed once whichever analysis asks first, ``ll.lofit(checkpoint=cache_dir)``
+and ``compare(out=cache_dir)`` read the same phases, a cache written with other settings is
+never reused, and an interrupted analysis resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -24,57 +18,52 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
+from lofit_lens import engine
 from lofit_lens.checkpoint import PhaseCheckpoint
-from lofit_lens.phases import stored_selection
-from lofit_lens.baselines.selectors import random_heads
+from lofit_lens.methods.selectors import random_heads
 from lofit_lens.config import LoFiTConfig
-from lofit_lens.eval.evaluate import evaluate, example_scores
+from lofit_lens.eval.evaluate import example_scores
 from lofit_lens.history import RunHistory
 from lofit_lens.intervention import Head
 from lofit_lens.result import LoFiTResult
-from lofit_lens.run_settings import (
-    STEP2_FIELDS, eval_examples, eval_settings, step_settings,
-)
-from lofit_lens.store import (
-    artifact_exists, load_artifact, save_artifact, settings_key, slug,
-)
+from lofit_lens.run_settings import EVAL_SPLIT
+from lofit_lens.store import slug
 from lofit_lens.tasks.base import Task
-from lofit_lens.training import (
-    HeadSelection, TaskLike, TrainingSet, resolve_run, tune_biases,
-)
+from lofit_lens.training import HeadSelection, TaskLike, TrainingSet, resolve_run
 
 Record = dict[str, Any]
 
 
-def cached_record(folder: Path, name: str, settings: Mapping[str, Any],
+def cached_record(folder: str | Path, name: str, settings: Mapping[str, Any],
                   compute: Callable[[], tuple[Record, dict[str, Tensor]]]) -> Record:
-    """The record stored as ``folder/<name>-<key>.{json,safetensors}``; computed and
-    written if absent. ``compute`` returns the JSON part and the tensors.
+    """An analysis's own phase ``name`` in the engine's store in ``folder``: computed and
+    saved if absent. ``compute`` returns the JSON part and the tensors.
 
     The returned record holds ``settings``, ``key``, the JSON part, the tensors (as lists of
-    floats, for tables) and ``cached`` (whether it was read back) and ``path`` (the card).
+    floats, for tables), ``cached`` (whether it was read back) and ``path`` (the card).
     """
-    key = settings_key(settings)
-    stem = f"{slug(name)}-{key}"
-    folder = Path(folder)
-    if artifact_exists(folder, name=stem):
-        tensors, card = load_artifact(folder, kind="cell", name=stem)
-        return {**card, **{k: v.tolist() for k, v in tensors.items()}, "cached": True,
-                "path": str(folder / f"{stem}.json")}
-    record, tensors = compute()
-    card = {"settings": dict(settings), "key": key, **record}
-    path = save_artifact(folder, tensors, card, kind="cell", name=stem)
-    return {**card, **{k: v.tolist() for k, v in tensors.items()}, "cached": False, "path": str(path)}
+    def value() -> dict[str, Any]:
+        record, tensors = compute()
+        return {**record, **tensors}
+
+    stored = cell_store(folder).record(slug(name), dict(settings), value)
+    return {"settings": dict(settings), "key": stored.key,
+            **{k: v.tolist() if isinstance(v, Tensor) else v for k, v in stored.value.items()},
+            "cached": stored.cached, "path": None if stored.path is None else str(stored.path)}
 
 
 # ---------------------------------------------------------------------- head selections
+def cell_store(cache_dir: str | Path) -> PhaseCheckpoint:
+    """The engine's store in ``cache_dir``, shared by parallel workers (atomic writes, no lock)."""
+    return PhaseCheckpoint(cache_dir, lock=False)
+
+
 def cached_selection(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
                      progress: bool = True,
                      data: Optional[Callable[[], TrainingSet]] = None) -> HeadSelection:
-    """``select_heads`` on ``task`` with ``cfg``, read from / written to ``cache_dir`` as the
-    "select" phase of ``checkpoint.PhaseCheckpoint`` (``data``: as in ``bias_cell``)."""
-    return stored_selection(model, task, cfg, PhaseCheckpoint(cache_dir, lock=False), progress,
-                            data)
+    """Step 1 on ``task`` with ``cfg`` through the engine's store in ``cache_dir``
+    (``data``: as in ``bias_cell``)."""
+    return engine.selection(model, task, cfg, cell_store(cache_dir), progress, data)
 
 
 def selection_result(selection: HeadSelection, cfg: LoFiTConfig, model_name: str,
@@ -123,55 +112,48 @@ def per_example(task: Task, rows: Sequence[Mapping[str, Any]]) -> list[float]:
     return example_scores(rows)[primary_metric(task)]
 
 
-def evaluated(model, task: Task, cfg: LoFiTConfig, intervention, progress: bool,
-              desc: str) -> dict[str, Any]:
-    """A cell's record: the primary metric, all metrics, and the per-example scores
-    (``correct``: 0/1 under the primary metric; for multiple choice also ``mc2``)."""
-    metrics, rows = evaluate(model, task, eval_examples(task, cfg), intervention,
-                             cfg.eval_batch_size, progress, desc=desc,
-                             max_batch_tokens=cfg.eval_batch_tokens)
+def cell_record(task: Task, evaluation: engine.Evaluation) -> dict[str, Any]:
+    """An evaluated cell as the analyses read it: the primary metric, all metrics, the
+    per-example scores (``correct``: 0/1 under the primary metric; for multiple choice also
+    ``mc2``), the evaluation's settings and key, ``cached`` and ``path`` (its card)."""
     metric = primary_metric(task)
-    extra = {} if task.kind == "generation" else {"mc2": example_scores(rows)["mc2"]}
-    return {"metric": metric, "accuracy": metrics[metric], "metrics": metrics,
-            "correct": per_example(task, rows), **extra}
+    extra = {} if task.kind == "generation" else {"mc2": example_scores(evaluation.predictions)["mc2"]}
+    return {"settings": evaluation.settings, "key": evaluation.key, "metric": metric,
+            "accuracy": evaluation.metrics[metric], "metrics": evaluation.metrics,
+            "correct": per_example(task, evaluation.predictions), **extra,
+            "cached": evaluation.cached, "path": None if evaluation.path is None else str(evaluation.path)}
 
 
-def cells_folder(model, task: Task, cache_dir: str | Path) -> Path:
-    """Where the evaluated cells of ``task`` live; shared by all analyses, so a cell with the
-    same settings (e.g. the same-task cell of ``transfer_matrix`` and the 3% point of
-    ``k_sweep``) is computed once."""
-    return Path(cache_dir) / slug(model_id(model)) / "cells" / slug(task.name)
+def evaluated_cell(model, task: Task, cfg: LoFiTConfig, trained: engine.Trained,
+                   cache_dir: str | Path, progress: bool = True, label: str = "eval") -> dict[str, Any]:
+    """``trained`` evaluated on ``task``'s test split through the engine (``cell_record``)."""
+    return cell_record(task, engine.evaluation(model, task, cfg, EVAL_SPLIT, trained,
+                                               cell_store(cache_dir), progress, label))
 
 
 def bias_cell(model, task: Task, cfg: LoFiTConfig, heads: Sequence[Head],
               cache_dir: str | Path, progress: bool = True,
               data: Optional[Callable[[], TrainingSet]] = None) -> dict[str, Any]:
-    """Tune v on ``heads`` for ``task`` and evaluate on its test split; cached as one JSON
-    (heads, v on those heads, losses, metrics, per-example correctness).
+    """Tune v on ``heads`` for ``task`` and evaluate on its test split: ``cell_record`` plus
+    ``k``, ``heads``, the step-2 ``history`` and ``bias`` (v on those heads, as lists).
 
-    ``data``: returns the ``TrainingSet`` of ``(task, cfg)``, called only when the cell is
-    computed; pass one cached builder to cells of the same task so it is encoded once
-    (for DPO, the reference log-probs are a forward pass over the training set)."""
+    ``data``: returns the ``TrainingSet`` of ``(task, cfg)``, called only when v is tuned;
+    pass one cached builder to cells of the same task so it is encoded once (for DPO, the
+    reference log-probs are a forward pass over the training set)."""
     heads = [tuple(h) for h in heads]
-    settings = {**step_settings(model, task, cfg, STEP2_FIELDS), **eval_settings(model, task, cfg),
-                "heads": [list(h) for h in heads]}
-
-    def compute() -> tuple[dict[str, Any], dict[str, Tensor]]:
-        tuning = tune_biases(model, task, heads, config=cfg, progress=progress,
-                             data=data() if data else None)
-        record = evaluated(model, task, cfg, tuning.intervention, progress,
+    trained = engine.tuning(model, task, cfg, heads, cell_store(cache_dir), progress, data)
+    record = evaluated_cell(model, task, cfg, trained, cache_dir, progress,
                             f"eval {task.name} (K={len(heads)})")
-        history = {k: getattr(tuning.history, k) for k in ("epoch_loss", "val_loss", "seconds", "n_train")}
-        bias = torch.stack([tuning.bias[l, h] for l, h in heads]) if heads else torch.zeros(0)
-        return ({**record, "k": len(heads), "history": history, "heads": [list(h) for h in heads]},
-                {"bias": bias})
-
-    return cached_record(cells_folder(model, task, cache_dir), "bias", settings, compute)
+    history = trained.value["history"]
+    bias = trained.value["bias"]
+    return {**record, "settings": {**trained.settings, "evaluation": record["settings"]},
+            "cached": record["cached"] and trained.cached, "k": len(heads),
+            "history": {k: history[k] for k in ("epoch_loss", "val_loss", "seconds", "n_train")},
+            "heads": [list(h) for h in heads], "bias": [bias[l, h].tolist() for l, h in heads]}
 
 
 def zero_shot_cell(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,
                    progress: bool = True) -> dict[str, Any]:
-    """The untouched model on ``task``'s test split (cached like ``bias_cell``)."""
-    return cached_record(cells_folder(model, task, cache_dir), "zero_shot",
-                         eval_settings(model, task, cfg),
-                         lambda: (evaluated(model, task, cfg, None, progress, "eval zero-shot"), {}))
+    """The untouched model on ``task``'s test split (``cell_record``)."""
+    return evaluated_cell(model, task, cfg, engine.UNTOUCHED, cache_dir, progress, "eval zero-shot")
+
