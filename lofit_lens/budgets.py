@@ -27,12 +27,15 @@ settings (keywords, command-line flags) override a budget's.
   meta-llama/Llama-2-7b-hf``). ``Budget.paper_hyperparams`` marks it; the rates depend on
   the task and K, and ``budget_settings`` applies them (for the paper's three tasks).
 * ``smoke``: a seconds-scale run (8 training / 8 test examples) that checks the wiring.
-* ``claims-quick`` / ``claims-paper`` (``analysis.run_claims``, docs/claims.md): the claims as
+* ``claims-quick`` / ``claims-converge`` / ``claims-paper`` (``analysis.run_claims``,
+  docs/claims.md): the claims as
   tested hypotheses. ``max_eval_examples`` is there the size of each seed's own random test
   subset (the seeds' subsets are disjoint); ``None`` cuts the whole test split into one
   subset per seed. ``claims-quick`` (2-core CPU) takes K = 10% (K = 3% is 2 heads of Gemma 3
   270M's 72), 40 training examples and epochs 1 + 2, and spends the time on test examples
-  and seeds instead; ``claims-paper`` is the paper's protocol, for a GPU.
+  and seeds instead; ``claims-converge`` keeps its K and test subsets but trains both steps
+  for the paper's 5 epochs on all training data (CPU hours); ``claims-paper`` is the
+  paper's protocol, for a GPU.
 """
 
 from __future__ import annotations
@@ -127,6 +130,15 @@ BUDGETS: dict[str, Budget] = {
                     "examples, epochs 1+2 (lr 5e-2), no validation; max_eval_examples is the "
                     "size of each seed's disjoint random test subset (80; 24 TruthfulQA "
                     "questions)"),
+    "claims-converge": Budget(
+        overrides=dict(k=0.1, max_train_examples=None, epochs_select=5, epochs_bias=5,
+                       max_val_examples=64, max_eval_examples=80),
+        task_overrides={"truthfulqa": {"max_eval_examples": 24}},
+        fractions=(0.1,),
+        description="analysis.run_claims at convergence on a CPU (issue 23): claims-quick's "
+                    "K=10% and test subsets, but step 1 for the paper's 5 epochs on all "
+                    "training data with the validation loss after each epoch, and step 2 as "
+                    "in the paper (5 epochs at the task's rate)"),
     "claims-paper": Budget(
         overrides=dict(k=0.03, epochs_select=5, epochs_bias=5, max_train_examples=None,
                        max_eval_examples=None),

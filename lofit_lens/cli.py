@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import warnings
 import time
@@ -18,7 +19,7 @@ from lofit_lens.config import (
 )
 from lofit_lens.errors import (
     BrokenEnvironmentError, ConfigError, DataWarning, LoFiTLensError, OutputNotWritableError,
-    TrainingDivergedError,
+    SelectionQualityWarning, TrainingDivergedError,
 )
 
 CLI_DEFAULTS = {"max_eval_examples": 200}
@@ -28,7 +29,8 @@ Every other default is the field's (k 0.1, seed 0, epochs 2 3, 64 val rows, offi
 
 RUN_SETTINGS = config_flag_names()
 """The ``LoFiTConfig`` settings ``run`` takes as flags (``--epochs`` for both epochs)."""
-COMPARE_SETTINGS = tuple(n for n in RUN_SETTINGS if n != "seed")  # compare: --seeds
+COMPARE_SETTINGS = tuple(n for n in RUN_SETTINGS if n not in ("seed", "selection_bootstrap"))
+"""``compare``'s: it has ``--seeds``, and no selection-quality diagnostic."""
 
 EXIT_CODES = ((BrokenEnvironmentError, 3), (TrainingDivergedError, 4), (LoFiTLensError, 2),
               (FileNotFoundError, 2), (ValueError, 2))
@@ -214,7 +216,6 @@ def _launch(args, argv: Sequence[str]) -> int:
     """``--num-processes N``: this same command in N processes under torchrun (what
     ``accelerate launch --num_processes N -m lofit_lens.cli run ...`` does too); returns the
     launcher's exit status."""
-    import os
     import subprocess
 
     rest, skip = [], False
@@ -297,8 +298,10 @@ def _cmd_run(args) -> int:
         model = _checked_model(args)
         load_seconds = time.perf_counter() - start
         cfg = run_config(args, model_dims(model).total_heads)
-        result = ll.lofit(model, task, config=cfg, progress=not args.quiet,
-                          checkpoint=out / "checkpoint")
+        with warnings.catch_warnings():  # said once, as a CLI line, at the end
+            warnings.simplefilter("ignore", SelectionQualityWarning)
+            result = ll.lofit(model, task, config=cfg, progress=not args.quiet,
+                              checkpoint=out / "checkpoint")
         result.timings.load_model = load_seconds
         result.timings.total = time.perf_counter() - start
         result.save(out, overwrite=args.overwrite, attachments=ATTACHMENTS)
@@ -318,6 +321,9 @@ def _cmd_run(args) -> int:
             raise OutputNotWritableError(f"{err}. The result and metrics.json are saved in "
                                          f"{out}; only the heatmap is missing") from err
     print(format_run(result, metrics, out, figure_paths))
+    quality = result.selection_quality
+    if quality is not None and quality.verdict == "noise":
+        print(f"lofit-lens: warning: {quality.message()}", file=sys.stderr)
     return 0
 
 
@@ -372,6 +378,8 @@ def run_metrics(result, data_checks: Optional[dict] = None) -> dict:
         "timings_seconds": {k: round(v, 1) for k, v in result.timings.to_dict().items()},
         "peak_cuda_memory_gib": peak_cuda_memory_gib(),
         "versions": result.versions,
+        "selection_quality": None if result.selection_quality is None
+        else result.selection_quality.to_dict(),
     }
 
 
@@ -394,16 +402,21 @@ def format_run(result, metrics: dict, out: Path, figures: Sequence[Path]) -> str
             lines.append(f"  {label:9s} {metrics['split']}: {scores}")
     lines.append(f"  heads: {', '.join(metrics['selected_heads'][:12])}"
                  + (" ..." if result.k > 12 else ""))
+    quality = result.selection_quality
+    if quality is not None:
+        lines.append(f"  selection: {quality.summary()}")
+        if quality.verdict == "weak":
+            lines.append(f"    ({quality.reason}; to be sure: {quality.advice})")
     lines.append(f"  time: {result.timings.total or 0:.0f} s; saved to {out} "
                  f"({', '.join(p.name for p in figures)})")
     return "\n".join(lines)
 
 
 def cmd_compare(args) -> int:
-    from lofit_lens.baselines.compare import compare, markdown_table
+    from lofit_lens.methods.base import check_methods, option_keywords
+    from lofit_lens.methods.compare import compare, markdown_table
 
     from lofit_lens.backends.hooked import model_dims
-    from lofit_lens.baselines.methods import check_methods
 
     cfg = run_config(args)  # bad settings stop here, before any loading
     check_methods(args.methods)  # an unknown method: named before the model loads
@@ -413,23 +426,17 @@ def cmd_compare(args) -> int:
     model = _checked_model(args)
     settings = run_settings(args, model_dims(model).total_heads)
     options = {name: tuple(value) if isinstance(value, list) else value
-               for name in _option_names() if (value := getattr(args, name)) is not None}
+               for name in option_keywords() if (value := getattr(args, name, None)) is not None}
     frame = compare(model, args.task, methods=args.methods, seeds=args.seeds, out=args.out,
                     progress=not args.quiet, **{**settings, "k": cfg.k}, **options)
     print(markdown_table(frame))  # pandas' to_markdown needs tabulate
     return 0
 
 
-def _option_names() -> list[str]:
-    from lofit_lens.baselines.base import BaselineOptions
-
-    return list(BaselineOptions.__dataclass_fields__)
-
-
 def _option_argument(hint) -> dict:
-    """argparse ``type`` (and ``nargs``) for a ``BaselineOptions`` field's annotation:
-    ``int``, ``float``, ``Optional[...]`` of them, ``Union[int, float]`` (a count or a share,
-    read as ``--k``) and ``tuple[int, ...]`` (one or more numbers)."""
+    """argparse ``type`` (and ``nargs``) for a method option's annotation: ``int``, ``float``,
+    ``Optional[...]`` of them, ``Union[int, float]`` (a count or a share, read as ``--k``) and
+    ``tuple[int, ...]`` (one or more numbers)."""
     import typing
 
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
@@ -441,17 +448,25 @@ def _option_argument(hint) -> dict:
 
 
 def _add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """A ``--field-name`` flag per ``BaselineOptions`` field (default: the field's)."""
+    """A ``--<method>-<field>`` flag per field of every registered method's options, one
+    group per method (help: the field's; default: ``None``, i.e. the field's default)."""
+    import dataclasses
     import typing
 
-    from lofit_lens.baselines.base import BaselineOptions
+    from lofit_lens.methods import METHODS
 
-    group = parser.add_argument_group("baseline options (BaselineOptions)")
-    hints = typing.get_type_hints(BaselineOptions)
-    for name in _option_names():
-        default = BaselineOptions.__dataclass_fields__[name].default
-        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                           help=f"default: {default}", **_option_argument(hints[name]))
+    for method in METHODS.values():
+        fields = dataclasses.fields(method.options)
+        if not fields:
+            continue
+        group = parser.add_argument_group(f"{method.name} options ({method.options.__name__})",
+                                          method.doc)
+        hints = typing.get_type_hints(method.options)
+        for f in fields:
+            dest = f"{method.name}_{f.name}"
+            group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None,
+                               help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),
+                               **_option_argument(hints[f.name]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,6 +540,10 @@ def _log_phases() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # PyTorch's OpenMP threads spin-wait: with another process on the same cores a step is
+    # 4-5x slower. Read when torch loads, so first: importing lofit_lens and this module
+    # does not load torch (tests/test_package.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     args = build_parser().parse_args(argv)

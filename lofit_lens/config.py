@@ -83,7 +83,8 @@ def step_fields(step: str) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(LoFiTConfig) if step in f.metadata["steps"])
 
 
-NON_RESULT_FIELDS = ("eval_batch_size", "eval_batch_tokens", "prefix_cache_mb", "strict_data")
+NON_RESULT_FIELDS = ("eval_batch_size", "eval_batch_tokens", "prefix_cache_mb", "strict_data",
+                     "selection_bootstrap")
 """``LoFiTConfig`` fields that change speed, memory or checks, not results: left out of cache
 keys and of what makes two saved results "the same run"."""
 
@@ -143,6 +144,10 @@ class LoFiTConfig:
         False, "stop with DataError, before any model work, when the task data has duplicate "
                "rows or val/test rows whose prompt is also a training row's (without it: a "
                "DataWarning naming the rows; docs/gotchas.md)")
+    selection_bootstrap: int = _setting(
+        0, "step-1 refits on bootstrap resamples of the training data, to measure how stable "
+           "the selected heads are (the selection-quality diagnostic, docs/gotchas.md); each "
+           "costs one more step 1 (0: not measured)", minimum=0)
     extra: dict[str, Any] = _setting(
         help="free-form task options (e.g. {'fold': 1} for TruthfulQA, data_dir)", cli=False,
         default_factory=dict)

@@ -62,6 +62,12 @@ class DataWarning(UserWarning):
     ``DataError``."""
 
 
+class SelectionQualityWarning(UserWarning):
+    """Step 1's head selection cannot be told from noise (``selection_quality``'s verdict is
+    "weak" or "noise"): the message says why and what to change (more step-1 epochs, more
+    training data, a higher ``lr_select``); docs/gotchas.md shows how to read it."""
+
+
 class ModelNotFoundError(LoFiTLensError, OSError):
     """A model name is neither an embedded model, nor a local HF folder, nor a Hub id this
     machine can get (not in the Hugging Face cache and the Hub unreachable, or no such repo).

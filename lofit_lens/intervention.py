@@ -76,7 +76,7 @@ def rebuild_intervention(kind: str, spec: dict[str, Any], tensors: dict[str, Ten
     """The saved intervention of ``kind`` rebuilt from its spec and tensors."""
     if kind not in INTERVENTIONS:
         raise KeyError(f"No intervention kind {kind!r} is registered (known: {', '.join(INTERVENTIONS)}); "
-                       "import the module that defines it (e.g. lofit_lens.baselines)")
+                       "import the module that defines it (e.g. lofit_lens.methods)")
     return INTERVENTIONS[kind].from_saved(spec, tensors)
 
 

@@ -6,7 +6,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -19,6 +19,7 @@ from lofit_lens.export import TrainedOn, export_intervention
 from lofit_lens.history import RunHistory, RunTimings
 from lofit_lens.intervention import HeadIntervention, top_heads
 from lofit_lens.migrations import result_config
+from lofit_lens.selection_quality import SelectionQuality
 from lofit_lens.store import folder_lock, load_artifact, read_json, save_artifact, write_text
 from lofit_lens.versions import library_versions
 
@@ -55,6 +56,9 @@ class LoFiTResult:
     """``backends.fingerprint.model_fingerprint`` of the model it was trained on ("" when
     unknown: results saved before 0.2.0)."""
     model_dtype: str = ""
+    selection_quality: Optional[SelectionQuality] = None
+    """``selection_quality.selection_quality``'s diagnostic of the selected heads (``None``:
+    not computed; results saved before it existed load with ``None``)."""
 
     def __post_init__(self) -> None:
         # A result is a record: its tensors live on the CPU (training may have run on a GPU).
@@ -177,6 +181,8 @@ class LoFiTResult:
                 "timings": self.timings.to_dict(),
                 "model_fingerprint": self.model_fingerprint,
                 "model_dtype": self.model_dtype,
+                "selection_quality": None if self.selection_quality is None
+                else self.selection_quality.to_dict(),
                 "attachments": list(attachments),
             }
             save_artifact(out, {"head_scores": self.head_scores, "scale": self.scale,
@@ -225,6 +231,8 @@ class LoFiTResult:
             timings=RunTimings.from_dict(card.get("timings")),
             model_fingerprint=card.get("model_fingerprint", ""),
             model_dtype=card.get("model_dtype", ""),
+            selection_quality=SelectionQuality.from_dict(card["selection_quality"])
+            if card.get("selection_quality") else None,
         )
         if model is not None:
             result.check_compatible(model, allow_other_model=allow_other_model)

@@ -23,7 +23,7 @@ import lofit_lens.distributed as distributed
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.errors import TrainingDivergedError
 from lofit_lens.history import TrainingHistory
-from lofit_lens.backends.hooked import model_dims
+from lofit_lens.backends.hooked import ModelDims, model_dims
 from lofit_lens.intervention import Head, HeadIntervention, Intervention, top_heads
 from lofit_lens.objectives import Objective, build_objective
 from lofit_lens.prefix import first_edited_layer, frozen_prefix
@@ -38,11 +38,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class HeadSelection:
-    """Step 1's outcome: every head's score ||A[l, h]|| and the learned A."""
+    """Step 1's outcome: every head's score ||A[l, h]||, the learned A and its initial draw
+    (``init``; ``None`` when unknown: a phase saved without it, read with no config)."""
 
     scores: Float[Tensor, "layer head"]
     scale: Float[Tensor, "layer head d_head"]
     history: TrainingHistory = field(default_factory=TrainingHistory)
+    init: Optional[Float[Tensor, "layer head d_head"]] = None
 
     def top(self, k: int) -> list[Head]:
         return top_heads(self.scores, k)
@@ -54,12 +56,26 @@ class HeadSelection:
 
     def to_phase(self) -> dict[str, Any]:
         """The saved form (``checkpoint.PhaseCheckpoint``): tensors and the history."""
-        return {"scores": self.scores, "scale": self.scale, "history": self.history.to_dict()}
+        phase = {"scores": self.scores, "scale": self.scale, "history": self.history.to_dict()}
+        return phase if self.init is None else {**phase, "init": self.init}
 
     @classmethod
-    def from_phase(cls, phase: dict[str, Any], cached: bool = False) -> "HeadSelection":
+    def from_phase(cls, phase: dict[str, Any], cached: bool = False,
+                   config: Optional[LoFiTConfig] = None) -> "HeadSelection":
+        """The selection ``to_phase`` saved; a phase saved without the initial A gets it
+        drawn again from ``config`` (its seed and init_std: ``initial_scale``), else ``None``."""
         history = TrainingHistory.from_dict({**phase["history"], "cached": cached})
-        return cls(phase["scores"], phase["scale"], history)
+        init = phase.get("init")
+        if init is None and config is not None:
+            init = initial_scale(ModelDims(*phase["scale"].shape), config.init_std, config.seed)
+        return cls(phase["scores"], phase["scale"], history, init)
+
+
+def initial_scale(dims: ModelDims, std: float, seed: int) -> Float[Tensor, "layer head d_head"]:
+    """Step 1's A before training: N(0, std) on every head, drawn from
+    ``torch.Generator().manual_seed(seed)`` (what ``select_heads`` starts from)."""
+    module = HeadIntervention(dims, use_scale=True, use_bias=False).set_heads(None)
+    return module.init_normal(std, torch.Generator().manual_seed(seed)).scale.detach().clone()
 
 
 @dataclass
@@ -312,8 +328,10 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
     task_obj, cfg = resolve_run(task, config, overrides)
     data = data or TrainingSet.build(model, task_obj, cfg)
     train, val, data_hash = data.train, data.val, data.data_hash
-    intervention = HeadIntervention(model_dims(model), use_scale=True, use_bias=False)
-    intervention.set_heads(None).init_normal(cfg.init_std, torch.Generator().manual_seed(cfg.seed))
+    init = initial_scale(model_dims(model), cfg.init_std, cfg.seed)
+    intervention = HeadIntervention(model_dims(model), use_scale=True, use_bias=False).set_heads(None)
+    with torch.no_grad():
+        intervention.scale.copy_(init)
     start = time.perf_counter()
     history = train_intervention(
         model, intervention, train, val, epochs=cfg.epochs_select, lr=cfg.lr_select,
@@ -326,7 +344,7 @@ def select_heads(model, task: TaskLike, *, config: Optional[LoFiTConfig] = None,
     history.trainable_parameters = intervention.num_trainable_parameters()
     scores = intervention.scale_norms().cpu()
     check_selection(scores, cfg.lr_select, model_dims(model).d_head)
-    return HeadSelection(scores, intervention.scale.detach().cpu().clone(), history)
+    return HeadSelection(scores, intervention.scale.detach().cpu().clone(), history, init)
 
 
 def tune_biases(model, task: TaskLike, heads: Optional[Sequence[Head]], *,

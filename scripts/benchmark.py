@@ -60,8 +60,8 @@ import hf_reference as ref  # noqa: E402
 import lofit_lens as ll  # noqa: E402
 from lofit_lens.backends.hooked import model_dims  # noqa: E402
 from lofit_lens.backends.plain import plain_view  # noqa: E402
-from lofit_lens.baselines.selectors.uniform import random_heads  # noqa: E402
-from lofit_lens.batching import collate  # noqa: E402
+from lofit_lens.methods.selectors.uniform import random_heads  # noqa: E402
+from lofit_lens.padding import collate  # noqa: E402
 from lofit_lens.eval.mc_scoring import choice_scores  # noqa: E402
 from lofit_lens.intervention import HeadIntervention  # noqa: E402
 from lofit_lens.objectives import build_objective  # noqa: E402

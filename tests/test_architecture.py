@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "lofit_lens"
 
 # docs/architecture.md: which lofit_lens modules each layer may import from outside itself.
-BACKENDS_MAY_IMPORT = {"lofit_lens.errors", "lofit_lens.versions", "lofit_lens.disk"}
+BACKENDS_MAY_IMPORT = {"lofit_lens.errors", "lofit_lens.versions", "lofit_lens.disk",
+                       "lofit_lens.padding"}
 TASKS_MAY_IMPORT = {"lofit_lens.errors"}
-ANALYSIS_OR_BASELINES = ("lofit_lens.analysis", "lofit_lens.baselines")
+ANALYSIS_OR_METHODS = ("lofit_lens.analysis", "lofit_lens.methods")
 
 
 class Import(NamedTuple):
@@ -251,14 +252,14 @@ def package_edges(edges) -> list[Import]:
 
 
 def layer(module: str) -> str:
-    """core, backends, tasks, eval, baselines, analysis, cli, package (``lofit_lens`` itself),
+    """core, backends, tasks, eval, methods, analysis, cli, package (``lofit_lens`` itself),
     main (``lofit_lens.__main__``) or figures (the scripts in analysis/)."""
     parts = module.split(".")
     if parts[0] != PACKAGE:
         return "figures"
     if len(parts) == 1:
         return "package"
-    if parts[1] in ("backends", "tasks", "eval", "baselines", "analysis"):
+    if parts[1] in ("backends", "tasks", "eval", "methods", "analysis"):
         return parts[1]
     return {"cli": "cli", "__main__": "main"}.get(parts[1], "core")
 
@@ -280,6 +281,29 @@ def test_no_module_name_in_both_analysis_trees():
     assert not scripts & library, f"in both trees: {sorted(scripts & library)}"
 
 
+def test_plotly_only_in_plotting():
+    """The views are one module: lofit_lens/analysis/plotting.py is the only one of
+    lofit_lens and analysis/ that imports plotly (the scripts draw through it)."""
+    views = ROOT / PACKAGE / "analysis" / "plotting.py"
+    bad = []
+    for path in python_files(ROOT / PACKAGE) + python_files(ROOT / "analysis"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            if path != views and any(inside(name, "plotly") for name in names):
+                bad.append(f"{path.relative_to(ROOT)} (line {node.lineno})")
+    assert not bad, "only lofit_lens/analysis/plotting.py may import plotly:\n" + "\n".join(bad)
+
+
+def test_one_statistics_module():
+    """lofit_lens/stats.py is the one statistics module (intervals, paired tests, power), at
+    core level, so the core (compare's tables) and the analyses share it."""
+    found = sorted(p.relative_to(ROOT).as_posix() for p in python_files(ROOT / PACKAGE)
+                   if p.stem in ("stats", "intervals"))
+    assert found == ["lofit_lens/stats.py"], f"statistics modules: {found}"
+
+
 def test_no_import_cycles(edges):
     cycle = find_cycle(adjacency(edges))
     if cycle:
@@ -296,12 +320,12 @@ def test_nothing_imports_the_cli(edges):
     assert not bad, "only the command line may use lofit_lens.cli:\n" + "\n".join(bad)
 
 
-def test_lower_layers_do_not_import_analysis_or_baselines(package_edges):
+def test_lower_layers_do_not_import_analysis_or_methods(package_edges):
     bad = [str(e) for e in package_edges
            if layer(e.module) in ("core", "backends", "tasks", "eval")
-           and any(inside(e.target, p) for p in ANALYSIS_OR_BASELINES)]
+           and any(inside(e.target, p) for p in ANALYSIS_OR_METHODS)]
     assert not bad, ("core, backends, tasks and eval must not import lofit_lens.analysis or "
-                     "lofit_lens.baselines:\n" + "\n".join(bad))
+                     "lofit_lens.methods:\n" + "\n".join(bad))
 
 
 @pytest.mark.parametrize("name, allowed", [("backends", BACKENDS_MAY_IMPORT),
@@ -311,6 +335,15 @@ def test_bottom_layers_import_only_errors_and_versions(package_edges, name, allo
            if layer(e.module) == name and layer(e.target) != name and e.target not in allowed]
     assert not bad, (f"lofit_lens.{name} may import only {sorted(allowed)} from outside "
                      "itself:\n" + "\n".join(bad))
+
+
+def test_what_backends_import_imports_nothing_else(package_edges):
+    """The modules backends may import (errors, versions, disk, padding) are leaves: they
+    import only each other, so backends stays readable on its own."""
+    bad = [str(e) for e in package_edges
+           if e.module in BACKENDS_MAY_IMPORT and e.target not in BACKENDS_MAY_IMPORT]
+    assert not bad, (f"{sorted(BACKENDS_MAY_IMPORT)} may import only each other:\n"
+                     + "\n".join(bad))
 
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -388,8 +421,8 @@ def test_layer_rules_catch_a_violation():
          Import("lofit_lens.backends.hf", "lofit_lens.backends.hooked", 2, "")],
         "backends", BACKENDS_MAY_IMPORT)
     with pytest.raises(AssertionError, match="lofit_lens.doctor"):
-        test_lower_layers_do_not_import_analysis_or_baselines(
-            [Import("lofit_lens.doctor", "lofit_lens.baselines.iti", 9, "import x")])
+        test_lower_layers_do_not_import_analysis_or_methods(
+            [Import("lofit_lens.doctor", "lofit_lens.methods.iti", 9, "import x")])
     with pytest.raises(AssertionError, match="lofit_lens.tasks.base"):
         test_bottom_layers_import_only_errors_and_versions(
             [Import("lofit_lens.tasks.base", "lofit_lens.config", 1, "")], "tasks", TASKS_MAY_IMPORT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 
@@ -53,17 +54,36 @@ def test_compare_writes_its_table(tmp_path, tiny_model, tiny_task_file, monkeypa
     assert "| random |" in printed and "| zero_shot |" in printed
 
 
-def test_compare_takes_the_baseline_options(tmp_path, tiny_model, tiny_task_file, monkeypatch):
-    """Every BaselineOptions field is a flag; given ones reach the runs (and their cards)."""
+def subparser(name: str) -> argparse.ArgumentParser:
+    """The parser of the command ``name`` (``lofit-lens name ...``)."""
+    from lofit_lens.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def test_compare_takes_the_method_options(tmp_path, tiny_model, tiny_task_file, monkeypatch):
+    """Every field of every method's options is a flag ``--<method>-<field>``, in a group per
+    method, with its help; given ones reach their method's runs (and only their cards)."""
+    compare_parser = subparser("compare")
+    groups = {g.title: {a.dest: a for a in g._group_actions} for g in compare_parser._action_groups}
+    lora = groups["lora options (LoRAOptions)"]
+    assert set(lora) == {"lora_rank", "lora_alpha", "lora_dropout", "lora_lr"}
+    assert lora["lora_rank"].help == "rank r of the W_Q and W_V updates (default: 8)"
+    args = compare_parser.parse_args(["--task", "t", "--reft-layers", "0", "1", "--repe-layers", "2",
+                                      "--jola-l0-lambda", "0.1"])
+    assert args.reft_layers == [0, 1] and args.repe_layers == 2 and args.jola_l0_lambda == 0.1
+    assert args.lora_rank is None  # not given: compare uses the field's default
+
     monkeypatch.setattr("lofit_lens.load_model", lambda *a, **k: tiny_model)
-    rc = main(["compare", "--task", str(tiny_task_file), "--methods", "zero_shot",
-               "--max-eval-examples", "2", "--out", str(tmp_path), "--quiet",
-               "--iti-alpha", "5", "--reft-layers", "0", "1", "--repe-layers", "2"])
+    rc = main(["compare", "--task", str(tiny_task_file), "--methods", "zero_shot", "iti", "--k", "2",
+               "--max-train-examples", "8", "--max-eval-examples", "2", "--out", str(tmp_path),
+               "--quiet", "--iti-alpha", "5", "--reft-layers", "0", "1", "--repe-layers", "2"])
     assert rc == 0
+    card = json.loads((tmp_path / "runs" / "iti-seed0.json").read_text())
+    assert card["settings"]["options"] == {"iti_alpha": 5.0}
     card = json.loads((tmp_path / "runs" / "zero_shot-seed0.json").read_text())
-    options = card["settings"]["options"]
-    assert options["iti_alpha"] == 5.0 and options["reft_layers"] == [0, 1]
-    assert options["repe_layers"] == 2 and options["lora_rank"] == 8
+    assert card["settings"]["options"] == {}
 
 
 def test_run_in_bfloat16_passes_the_doctor_and_logs_each_phase(tmp_path, tiny_task_file, capsys):
@@ -86,6 +106,6 @@ def test_run_in_bfloat16_passes_the_doctor_and_logs_each_phase(tmp_path, tiny_ta
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["lofit"]["n"] == 4 and metrics["peak_cuda_memory_gib"] is None
     assert re.search(r"doctor: \d+ checks passed", err)
-    for phase in ("zero_shot", "select", "tune", "lofit"):
+    for phase in ("evaluate zero_shot (test)", "select", "tune", "evaluate lofit (test)"):
         assert f"lofit-lens: {phase}: started" in err and f"lofit-lens: {phase}: done in " in err
     assert "step 2: tune biases: epoch 2/2, 1 step, loss " in err

@@ -57,9 +57,9 @@ def test_cmd_run_hands_lofit_that_config(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "_checked_task", lambda args, cfg: "the-task")
     monkeypatch.setattr(cli, "_checked_model", lambda args: "the-model")
+    monkeypatch.setattr(lofit_lens, "lofit", fake_lofit)  # first: it loads lofit_lens.api
     monkeypatch.setattr("lofit_lens.backends.hooked.model_dims",
                         lambda model: SimpleNamespace(total_heads=270))
-    monkeypatch.setattr(lofit_lens, "lofit", fake_lofit)
     monkeypatch.setattr("lofit_lens.training.resolve_run", lambda task, cfg, overrides: (task, cfg))
     with pytest.raises(Stop):
         cli.main(["run", "--task", "clutrr", "--quiet", "--out", str(tmp_path)])
@@ -80,7 +80,7 @@ def test_cmd_compare_passes_the_old_settings(monkeypatch):
     monkeypatch.setattr(cli, "_checked_model", lambda args: "the-model")
     monkeypatch.setattr("lofit_lens.backends.hooked.model_dims",
                         lambda model: SimpleNamespace(total_heads=270))
-    monkeypatch.setattr(importlib.import_module("lofit_lens.baselines.compare"), "compare",
+    monkeypatch.setattr(importlib.import_module("lofit_lens.methods.compare"), "compare",
                         fake_compare)
     with pytest.raises(Stop):
         cli.main(["compare", "--task", "clutrr", "--quiet"])
