@@ -21,7 +21,6 @@ from typing import Optional, Sequence
 import pandas as pd
 
 import lofit_lens as ll
-from lofit_lens.backends.hooked import model_dims
 from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 from lofit_lens.tasks.base import PROTOCOLS
 
@@ -33,7 +32,7 @@ DEFAULT_BUDGET = "protocol"
 def run(model, seed: int, tasks=TASKS, progress: bool = True,
         budget: str = DEFAULT_BUDGET) -> pd.DataFrame:
     rows = []
-    total_heads = model_dims(model).total_heads
+    total_heads = ll.model_dims(model).total_heads
     for task in tasks:
         for protocol in PROTOCOLS:
             start = time.perf_counter()

@@ -23,8 +23,7 @@ import pandas as pd
 
 import lofit_lens as ll
 from analysis.common import default_paper_numbers, paper_numbers
-from lofit_lens.backends.hooked import model_dims
-from lofit_lens.methods.compare import compare
+from lofit_lens import model_dims
 from lofit_lens.budgets import BUDGETS, budget_help, budget_settings
 
 METHODS = ("zero_shot", "iti", "random", "iti_heads", "lofit")
@@ -45,7 +44,7 @@ def run(model_name: str, budget: str, seeds: list[int], out: Path,
     for task in tasks:
         metrics = TASKS[task]
         start = time.perf_counter()
-        frame = compare(model, task, methods=METHODS, seeds=seeds, k=K, out=out / task,
+        frame = ll.compare(model, task, methods=METHODS, seeds=seeds, k=K, out=out / task,
                         **budget_settings(budget, task, K, total_heads))
         seconds = time.perf_counter() - start
         for _, row in frame.iterrows():

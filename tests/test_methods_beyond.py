@@ -316,7 +316,8 @@ def test_repe_shift_adds_coeff_sigma_u_at_every_position(tiny_model):
 
 # ---------------------------------------------------------------------- analysis.method_overlap
 def test_method_overlap_scores_every_head_and_compares_top_k(tiny_model, tiny_task_file, tmp_path):
-    from analysis.method_overlap import METHODS, figure, method_scores, overlap_rows
+    from analysis.method_overlap import figure
+    from lofit_lens.analysis.method_scores import METHODS, method_scores, overlap_rows
     from lofit_lens.methods.jola import JoLAOptions
     from lofit_lens.training import resolve_run
 
