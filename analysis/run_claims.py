@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection-tasks", nargs="+", default=list(DEFAULT_SELECTION_TASKS),
                    choices=TASKS, help="tasks whose head sets claims 3 and 4 compare (selection "
                                        "only; --tasks are always included; default all three)")
+    p.add_argument("--beyond", nargs="+", default=[], metavar="METHOD",
+                   help="methods beyond the paper's (e.g. jola reft repe) run on the same seeds "
+                        "and test subsets and compared with LoFiT (two-sided paired tests)")
     p.add_argument("--n-permutations", type=int, default=20_000)
     p.add_argument("--n-bootstrap", type=int, default=2000)
     return p
@@ -99,7 +102,7 @@ def run(args) -> ClaimsReport:
         report = replicate_claims(
             model, tasks=[] if args.selection_only else args.tasks,
             selection_tasks=args.selection_tasks, n_bootstrap=args.n_bootstrap,
-            n_permutations=args.n_permutations, **design_options(args))
+            n_permutations=args.n_permutations, beyond=args.beyond, **design_options(args))
         log.lap(f"claims {name}", start)
         files += report.save(args.out / slug(name))
         reports.append(report)

@@ -350,3 +350,24 @@ def test_claim_figures_rejects_bad_points(tiny_model, task_paths, tmp_path, bad)
                    k=3, log=None, **TINY)
     with pytest.raises(ValueError, match="fractions|seeds"):
         claim_figures(tiny_model, **{**options, **bad})
+
+
+def test_methods_beyond_the_paper_are_compared_with_lofit_on_the_same_subsets(report, tiny_model,
+                                                                             task_paths):
+    """``beyond``: JoLA and RepE on the claims' seeds and subsets (LoFiT's cells read back),
+    each against LoFiT with two-sided paired tests, Holm across those rows."""
+    result, cache = report
+    again = replicate_claims(tiny_model, tasks=[task_paths["say"], task_paths["pick"]],
+                             selection_tasks=[task_paths["succ"]], budget="smoke", seeds=(0, 1, 2),
+                             cache_dir=cache, k=3, n_bootstrap=200, n_permutations=2000,
+                             n_draws=500, log=None, beyond=("jola", "repe"), **TINY)
+    pd.testing.assert_frame_equal(again.claims, result.claims)  # the paper's claims unchanged
+    beyond = again.details[again.details["claim"] == "beyond"]
+    assert len(beyond) == 2 * 3  # per method: each task, then both pooled
+    assert (beyond["alternative"] == "two-sided").all() and (beyond["family_size"] == 6).all()
+    assert beyond["p"].between(0, 1).all() and (beyond["p_holm"] >= beyond["p"] - 1e-12).all()
+    pooled = beyond[beyond["contrast"].str.contains("pooled")]
+    assert sorted(pooled["contrast"].str.split().str[2]) == ["jola,", "repe,"]
+    n_per_task = result.accuracy.query("method == 'lofit'").groupby("task")["n"].max()
+    assert set(pooled["n"]) == {int(n_per_task.sum())}  # the same examples as LoFiT's
+    assert {"jola", "repe"} <= set(again.accuracy["method"])

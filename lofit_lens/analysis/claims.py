@@ -26,7 +26,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from lofit_lens.analysis.claims_data import DEFAULT_TASKS, Log, collect_claims
 from lofit_lens.analysis.claims_report import ClaimsReport, claims_report
-from lofit_lens.analysis.claims_tests import CLAIM_TESTS, ClaimTestOptions, finish_family
+from lofit_lens.analysis.claims_tests import (
+    CLAIM_TESTS, ClaimTestOptions, beyond_lofit, finish_family,
+)
 from lofit_lens.methods.iti import ITIOptions
 
 CLAIMS: dict[str, str] = {
@@ -55,6 +57,7 @@ def replicate_claims(
     options: ITIOptions = ITIOptions(),
     progress: bool = False,
     log: Optional[Log] = print,
+    beyond: Sequence[str] = (),
     **overrides,
 ) -> ClaimsReport:
     """Test the five claims (module docstring) on ``model``.
@@ -65,17 +68,20 @@ def replicate_claims(
     its ``max_eval_examples`` (or ``n_test``) is the size of each seed's test subset.
     ``tasks=()``: head selections only (claims 3 and 4; Holm across those two rows).
     ``k``: heads (a count or a share; default the budget's, else 3%). ``task_overrides``:
-    ``LoFiTConfig`` fields per task (by name); ``overrides``: for every task.
+    ``LoFiTConfig`` fields per task (by name); ``overrides``: for every task. ``beyond``:
+    methods beyond the paper's (e.g. ``("jola", "reft", "repe")``) run on the same seeds and
+    test subsets and compared with LoFiT (two-sided paired tests, Holm: the "beyond" rows
+    of ``details``).
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     say = log or (lambda message: None)
     data = collect_claims(model, tasks, selection_tasks, budget, seeds, cache_dir, k, n_test,
-                          task_overrides, options, progress, say, **overrides)
+                          task_overrides, options, progress, say, beyond, **overrides)
     test_options = ClaimTestOptions(alpha, n_bootstrap, n_permutations, n_draws)
     tested = [test(data, test_options, say) for test in CLAIM_TESTS]
     claims = finish_family([row for rows in tested for row in rows.claims], alpha)
-    report = claims_report(data, claims, [row for rows in tested for row in rows.details],
-                           alpha, n_bootstrap)
+    details = [row for rows in tested for row in rows.details] + beyond_lofit(data, test_options)
+    report = claims_report(data, claims, details, alpha, n_bootstrap)
     report.seconds = {data.model: round(time.perf_counter() - start, 1),
                       f"{data.model} cpu": round(time.process_time() - cpu_start, 1)}
     say(f"[{data.model}] claims done in {report.seconds[data.model]:.0f} s")

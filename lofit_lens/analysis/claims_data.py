@@ -17,6 +17,7 @@ task, plus ITI and the untouched model, and gathers them in a ``ClaimsData``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from lofit_lens.analysis.cells import (
     bias_cell, cached_selection, cell_store, evaluated_cell, zero_shot_cell,
 )
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
-from lofit_lens.methods.base import RunContext
+from lofit_lens.methods.base import MethodOptions, RunContext, check_methods
 from lofit_lens.methods.iti import ITIOptions
 from lofit_lens.methods.runs import trained_method
 from lofit_lens.methods.selectors import random_heads
@@ -91,17 +92,26 @@ def seed_subsets(task: Task, seeds: Sequence[int], n: Optional[int],
 
 
 # ---------------------------------------------------------------------- cells
+def method_cell(model, task: Task, cfg: LoFiTConfig, cache_dir: Union[str, Path], name: str,
+                options: Optional[MethodOptions] = None, progress: bool = True) -> dict[str, Any]:
+    """The method ``name`` trained on the seed's training sample and evaluated on ``task``'s
+    test split, both through the engine (the same phases as ``compare``'s row); the record
+    keeps the method's heads (``heads``: for ITI, Table 2's "ITI-heads"), per-example scores
+    and the training ``seconds``."""
+    ctx = RunContext(model, task, cfg, {} if options is None else {name: options}, progress,
+                     cell_store(cache_dir))
+    trained = trained_method(ctx, name)
+    record = evaluated_cell(model, task, cfg, trained, cache_dir, progress,
+                            f"eval {task.name} {name}")
+    return {**record, "cached": record["cached"] and trained.cached,
+            "heads": trained.value["heads"], "seconds": trained.value["seconds"]}
+
+
 def iti_cell(model, task: Task, cfg: LoFiTConfig, cache_dir: Union[str, Path],
              options: ITIOptions = ITIOptions(), progress: bool = True) -> dict[str, Any]:
     """ITI (``methods.iti``: probes fitted on the seed's training sample, a fixed shift on
-    the K best-probed heads) evaluated on ``task``'s test split, both through the engine
-    (the same phases as ``compare``'s ITI row); the record keeps ITI's heads (``heads``:
-    Table 2's "ITI-heads"), per-example scores and the training ``seconds``."""
-    ctx = RunContext(model, task, cfg, {"iti": options}, progress, cell_store(cache_dir))
-    trained = trained_method(ctx, "iti")
-    record = evaluated_cell(model, task, cfg, trained, cache_dir, progress, f"eval {task.name} ITI")
-    return {**record, "cached": record["cached"] and trained.cached,
-            "heads": trained.value["heads"], "seconds": trained.value["seconds"]}
+    the K best-probed heads): ``method_cell``."""
+    return method_cell(model, task, cfg, cache_dir, "iti", options, progress)
 
 
 def claim_runs(tasks: Sequence[str], budget: str, seeds: Sequence[int],
@@ -168,6 +178,9 @@ class ClaimsData:
     sources: dict[str, list[str]]
     quality: dict[tuple[str, int], SelectionQuality]
     """``selection_quality`` of each selection, its stability measured against the other seeds'."""
+    beyond: list[str] = dataclasses.field(default_factory=list)
+    """Methods beyond LoFiT's paper (JoLA, ReFT, RepE, ...) run on the same subsets: their
+    ``scores`` are compared with LoFiT's (``claims_tests.beyond_lofit``)."""
 
     @property
     def seed_text(self) -> str:
@@ -192,7 +205,8 @@ def collect_claims(model, tasks: Sequence[str], selection_tasks: Optional[Sequen
                    k: Union[int, float, None] = None, n_test: Optional[int] = None,
                    task_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
                    options: ITIOptions = ITIOptions(), progress: bool = False,
-                   log: Optional[Log] = None, **overrides) -> ClaimsData:
+                   log: Optional[Log] = None, beyond: Sequence[str] = (),
+                   **overrides) -> ClaimsData:
     """Every head selection and evaluated cell of the claims on ``model`` (the arguments of
     ``replicate_claims``), cached under ``cache_dir``; each step logged with its wall and
     CPU time."""
@@ -202,6 +216,7 @@ def collect_claims(model, tasks: Sequence[str], selection_tasks: Optional[Sequen
         raise ValueError("replicate_claims needs at least 2 seeds (the paper's claims about "
                          "head selection need seeds to compare; 3 or more recommended)")
     selection_tasks = list(dict.fromkeys([*tasks, *(selection_tasks or [])]))
+    check_methods(list(beyond))
     name = model_id(model)
     dims = model_dims(model)
 
@@ -259,7 +274,10 @@ def collect_claims(model, tasks: Sequence[str], selection_tasks: Optional[Sequen
             for source in sources[task_name]:
                 keep(f"heads:{source}", timed(f"{source} heads -> {task_name} s{seed}",
                                               lambda: cell(heads[source, seed])))
+            for method in beyond:
+                keep(method, timed(f"{method} {task_name} s{seed}", lambda: method_cell(
+                    model, task_obj, cfg, cache_dir, method, progress=progress)))
     if not tasks:
         say("no evaluated tasks: claims 1, 2 and 5 not tested (head selections only)")
     return ClaimsData(name, dims, budget, options, seeds, list(tasks), selection_tasks, runs,
-                      labels, n_heads, heads, scores, sources, quality)
+                      labels, n_heads, heads, scores, sources, quality, list(beyond))

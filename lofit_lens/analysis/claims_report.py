@@ -83,8 +83,8 @@ def accuracy_frame(data: ClaimsData, n_bootstrap: int) -> pd.DataFrame:
     intervals (``stats.seed_intervals``)."""
     labels, seeds, accuracy = data.labels, data.seeds, []
     for task_name in data.tasks:
-        methods = {m: m for m in METHODS} | {f"heads:{s}": f"heads:{labels[s]}"
-                                              for s in data.sources[task_name]}
+        methods = {m: m for m in [*METHODS, *data.beyond]} | {
+            f"heads:{s}": f"heads:{labels[s]}" for s in data.sources[task_name]}
         for method, shown in methods.items():  # a task file is shown by its name, not its path
             for metric in data.scores[method, task_name, seeds[0]]:
                 accuracy += _accuracy_rows(data.model, labels[task_name], shown,

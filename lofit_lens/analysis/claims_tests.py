@@ -201,19 +201,20 @@ def overlap_test(sets: Mapping[tuple[str, int], Sequence[Head]], max_exact: int 
 
 # ---------------------------------------------------------------------- paired rows
 def _paired_row(a: Sequence[float], b: Sequence[float], metric: str, n_bootstrap: int,
-                n_permutations: int) -> dict[str, Any]:
-    """The paired test of ``a`` beating ``b`` (one-sided): exact McNemar for 0/1 scores, the
-    paired permutation test (sign test beside it) for MC2; the paper's bootstrap beside both."""
+                n_permutations: int, alternative: str = "greater") -> dict[str, Any]:
+    """The paired test of ``a`` beating ``b`` (one-sided; ``alternative="two-sided"``: of
+    ``a`` differing from ``b``): exact McNemar for 0/1 scores, the paired permutation test
+    (sign test beside it) for MC2; the paper's bootstrap beside both."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     if metric == "mc2":
-        result = stats.paired_permutation_test(a, b, n_permutations=n_permutations)
+        result = stats.paired_permutation_test(a, b, alternative, n_permutations=n_permutations)
         sign = stats.paired_sign_test(a, b)
         d = a - b
         n_needed = stats.paired_mean_n_needed(result.effect, float(d.std(ddof=1)) if len(d) > 1 else 0.0)
         row = {**result.row(), "p_sign_test": sign.p, "n_needed": n_needed,
                "sd_diff": float(d.std(ddof=1)) if len(d) > 1 else float("nan")}
     else:
-        result = stats.mcnemar_exact(a, b)
+        result = stats.mcnemar_exact(a, b, alternative)
         n = len(a)
         p10, p01 = result.details["n10"] / n, result.details["n01"] / n
         row = {**result.row(), "p10": p10, "p01": p01,
@@ -364,6 +365,28 @@ def claim_4(data: ClaimsData, options: ClaimTestOptions, log: Log) -> ClaimRows:
            "note": f"within {res['within']:.3f}, across {res['across']:.3f}, "
                    f"min attainable p {res['min_p']:.4f}"}
     return ClaimRows([row], [])
+
+
+def beyond_lofit(data: ClaimsData, options: ClaimTestOptions) -> list[dict[str, Any]]:
+    """LoFiT against each method of ``data.beyond`` (JoLA, ReFT, RepE, ...), paired on the
+    same examples, two-sided (the paper claims no order among them): per task, and on the
+    examples of all tasks pooled; Holm across the rows. Effects are LoFiT minus the method."""
+    rows = []
+    for method in data.beyond:
+        for task_name in data.tasks:
+            row = _paired_row(data.pooled("lofit", task_name), data.pooled(method, task_name),
+                              data.metric_name(task_name, "correct"), options.n_bootstrap,
+                              options.n_permutations, "two-sided")
+            rows.append({**row, **data.tag("beyond"),
+                         "contrast": f"lofit vs {method} on {data.labels[task_name]}"})
+        if len(data.tasks) > 1:
+            a = [x for t in data.tasks for x in data.pooled("lofit", t)]
+            b = [x for t in data.tasks for x in data.pooled(method, t)]
+            metric = "+".join(sorted({data.metric_name(t, "correct") for t in data.tasks}))
+            row = _paired_row(a, b, metric, options.n_bootstrap, options.n_permutations, "two-sided")
+            rows.append({**row, **data.tag("beyond"), "contrast": f"lofit vs {method}, pooled over "
+                         f"{', '.join(data.labels[t] for t in data.tasks)}"})
+    return finish_family(rows, options.alpha) if rows else []
 
 
 CLAIM_TESTS: tuple[Callable[[ClaimsData, ClaimTestOptions, Log], ClaimRows], ...] = (
