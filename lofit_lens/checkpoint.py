@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 from torch import Tensor
 
 from lofit_lens.store import (
-    artifact_exists, folder_lock, jsonable, load_artifact, save_artifact, settings_key,
+    artifact_exists, jsonable, load_artifact, save_artifact, settings_key, shared_write_lock,
 )
 
 Phase = dict[str, Any]
@@ -44,13 +44,13 @@ def logged_phase(phase: str) -> Iterator[None]:
 
 
 class PhaseCheckpoint:
-    """Phases saved as ``<directory>/<phase>-<key>.{json,safetensors}``. ``lock``: hold the
-    folder's lock while saving (a run's own folder); a cache shared by parallel workers
-    (analysis cells, Ray) saves without it, each file written atomically."""
+    """Phases saved as ``<directory>/<phase>-<key>.{json,safetensors}``. Any number of runs
+    and parallel workers may share a directory: a phase is written under the directory's
+    shared write lock (``store.shared_write_lock``), and a phase another writer saved
+    meanwhile is read back instead of written again."""
 
-    def __init__(self, directory: str | Path, lock: bool = True):
-        self.directory = Path(directory)
-        self.lock = lock
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).resolve()  # a Ray worker resolves it as here
 
     def _load(self, stem: str) -> Optional[Phase]:
         """The value saved as ``<phase>-<key>``, or ``None``."""
@@ -74,7 +74,10 @@ class PhaseCheckpoint:
             value = compute()
         tensors = {k: v for k, v in value.items() if isinstance(v, Tensor)}
         rest = {k: v for k, v in value.items() if k not in tensors}
-        with folder_lock(self.directory) if self.lock else contextlib.nullcontext():
+        with shared_write_lock(self.directory):
+            saved = self._load(stem)  # another writer finished it meanwhile: theirs stands
+            if saved is not None:
+                return StoredPhase(saved, key, True, self.directory / f"{stem}.json", settings)
             path = save_artifact(self.directory, tensors, {"phase": phase, "key": key, "value": rest,
                                                            "settings": settings},
                                  kind="phase", name=stem)

@@ -5,12 +5,14 @@ evaluation on one split. Each is a record of a ``checkpoint.PhaseCheckpoint`` na
 phase and a hash of ``run_settings.phase_settings``. ``ll.lofit(checkpoint=X)``,
 ``compare(out=X)``, the analysis cells (``cache_dir=X``) and the claims all run their phases
 here, so a phase any of them saved in ``X`` is read back by the others. An evaluation's
-settings name what it evaluates by the key of the phase that trained it, so a tuned v
-evaluated once is never evaluated again.
+settings name what it evaluates by a hash of the edit itself (``content_key``), so an edit
+evaluated once is never evaluated again, whichever phase trained it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from lofit_lens.eval.evaluate import Predictions, evaluate
 from lofit_lens.history import TrainingHistory
 from lofit_lens.intervention import Head, HeadIntervention, Intervention
 from lofit_lens.run_settings import phase_settings
+from lofit_lens.store import jsonable
 from lofit_lens.tasks.base import Task
 from lofit_lens.training import HeadSelection, RunData, TrainingSet, select_heads, tune_biases
 
@@ -48,10 +51,27 @@ def selection(model, task: Task, cfg: LoFiTConfig, store: Store, progress: bool 
     return HeadSelection.from_phase(stored.value, cached=stored.cached, config=cfg)
 
 
+def content_key(intervention: Optional[Intervention]) -> Optional[str]:
+    """What an evaluation of ``intervention`` is keyed by: a SHA-256 of its kind, spec and
+    tensor values (``None``: the untouched model). Two phases that trained the same edit
+    (``ll.lofit``'s step 2 and ``compare``'s LoFiT row) share its evaluations; an edit
+    changed after its training never reads them."""
+    if intervention is None:
+        return None
+    digest = hashlib.sha256(json.dumps(
+        {"kind": intervention.kind, "spec": jsonable(intervention.spec())},
+        sort_keys=True, default=str).encode())
+    for name, tensor in sorted(intervention.state_tensors().items()):
+        values = tensor.detach().float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(values.shape)}".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Trained:
     """A trained phase's outcome: what to attach (``None``: the untouched model), the key
-    that names it (what an evaluation of it is keyed by), and its saved value."""
+    its evaluations are keyed by (``content_key``), and its saved value."""
 
     intervention: Optional[Intervention]
     key: Optional[str]
@@ -91,7 +111,8 @@ def tuning(model, task: Task, cfg: LoFiTConfig, heads: Optional[Sequence[Head]],
         module.bias.copy_(stored.value["bias"])
         if use_scale:
             module.scale.copy_(stored.value["scale"])
-    return Trained(module, stored.key, stored.value, stored.cached, stored.path, stored.settings)
+    return Trained(module, content_key(module), stored.value, stored.cached, stored.path,
+                   stored.settings)
 
 
 def tuned_history(trained: Trained) -> TrainingHistory:
@@ -126,7 +147,8 @@ class Evaluation:
 def evaluation(model, task: Task, cfg: LoFiTConfig, split: str, trained: Trained, store: Store,
                progress: bool = True, label: str = "eval") -> Evaluation:
     """``trained`` (``UNTOUCHED``: the model as it is) evaluated on ``task``'s ``split``
-    (``cfg.max_eval_examples`` rows), read from ``store`` when saved there."""
+    (``cfg.max_eval_examples`` rows), read from ``store`` when saved there (keyed by the
+    rows and ``trained.key``, the edit's ``content_key``)."""
     rows = task.eval_examples(split, cfg.max_eval_examples)
     if not rows:
         raise ValueError(f"No {task.name} examples in split {split!r} to evaluate")
@@ -140,7 +162,7 @@ def evaluation(model, task: Task, cfg: LoFiTConfig, split: str, trained: Trained
                 "seconds": time.perf_counter() - start}
 
     stored = phase_record(store, "evaluate", phase_settings(
-        "evaluate", model, task, cfg, split=split, made_by=trained.key), compute,
+        "evaluate", model, task, cfg, split=split, edit=trained.key), compute,
         f"evaluate {label} ({split})")
     v = stored.value
     return Evaluation(v["metrics"], v["predictions"], v["seconds"], stored.cached, stored.key,

@@ -63,8 +63,8 @@ def phase_settings(phase: str, model, task: Task, cfg: LoFiTConfig, *,
     * ``select`` / ``tune``: the hashes of the training and validation rows and the config
       fields marked with that step (``config.step_fields``);
     * ``evaluate``: the split (``extra["split"]``) and the hash of its rows as evaluation
-      reads them; ``extra["made_by"]`` names what is evaluated (the key of the phase that
-      trained it; ``None``: the untouched model);
+      reads them; ``extra["edit"]`` names what is evaluated (``engine.content_key``, a hash
+      of the edit's kind, spec and tensors; ``None``: the untouched model);
     * ``method``: the training data and every config field that can change a number.
 
     ``data``: the run's training data when already read (else read here); ``extra``: more

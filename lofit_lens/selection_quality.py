@@ -224,7 +224,9 @@ def selection_quality(
     if init is None and isinstance(selection, HeadSelection):
         init = selection.init
     scale = scale.detach().cpu().float()
-    scores = scale.norm(dim=-1)
+    # the run's own scores when given (its top K is what was tuned), else ||A|| per head
+    scores = (selection.scores.detach().cpu().float() if isinstance(selection, HeadSelection)
+              else scale.norm(dim=-1))
     n = scores.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k}: the selection ranks {n} heads")

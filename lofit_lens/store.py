@@ -36,6 +36,8 @@ FORMAT_VERSION = 3
 SUPPORTED_FORMATS = (1, 2, 3)
 CARD_CHECKSUM = "card_sha256"
 LOCK_NAME = ".lofit-lens.lock"
+WRITE_LOCK_NAME = ".lofit-lens.write.lock"
+LOCK_NAMES = (LOCK_NAME, WRITE_LOCK_NAME)
 
 
 # ---------------------------------------------------------------------- keys and names
@@ -139,6 +141,25 @@ def folder_lock(folder: str | Path) -> Iterator[Path]:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def shared_write_lock(folder: str | Path) -> Iterator[Path]:
+    """A short lock for writers that share ``folder`` (parallel workers, several runs on one
+    cache): one writes at a time, the others wait for it. Unlike ``folder_lock``, which
+    marks a folder as one run's and refuses a second, it never raises for a busy folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / WRITE_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise_write_error(folder / WRITE_LOCK_NAME, err)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def _locked(folder: Path) -> int:
     """A descriptor of ``folder``'s lock file, locked (the folder and file made if needed)."""
     while True:
@@ -165,7 +186,7 @@ def _locked(folder: Path) -> int:
 
 def _holds_nothing(folder: Path) -> bool:
     """Whether ``folder`` holds only lock files and folders that hold nothing."""
-    return all((p.name == LOCK_NAME and p.is_file()) or
+    return all((p.name in LOCK_NAMES and p.is_file()) or
                (p.is_dir() and not p.is_symlink() and _holds_nothing(p))
                for p in folder.iterdir())
 

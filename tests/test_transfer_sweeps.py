@@ -136,7 +136,8 @@ def test_transfer_matrix_shapes_cache_and_resume(tiny_model, arithmetic_tasks, t
     assert v.shape == tuple(model_dims(tiny_model)[:3])
     cell = res.cells.iloc[0]
     evaluation = json.loads(Path(cell["file"]).read_text())
-    assert evaluation["settings"]["made_by"] in {json.loads(t.read_text())["key"] for t in tunes}
+    edits = {json.loads(Path(f).read_text())["settings"]["edit"] for f in res.cells["file"]}
+    assert evaluation["settings"]["edit"] in edits and len(edits) == 6  # each cell its own v
     assert len(evaluation["value"]["predictions"]) == 3
     assert len(list((tmp_path / "cache").glob("select-*.safetensors"))) == 2
 

@@ -54,8 +54,8 @@ def cached_record(folder: str | Path, name: str, settings: Mapping[str, Any],
 
 # ---------------------------------------------------------------------- head selections
 def cell_store(cache_dir: str | Path) -> PhaseCheckpoint:
-    """The engine's store in ``cache_dir``, shared by parallel workers (atomic writes, no lock)."""
-    return PhaseCheckpoint(cache_dir, lock=False)
+    """The engine's store in ``cache_dir`` (shared by the analyses and parallel workers)."""
+    return PhaseCheckpoint(cache_dir)
 
 
 def cached_selection(model, task: Task, cfg: LoFiTConfig, cache_dir: str | Path,

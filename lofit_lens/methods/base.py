@@ -53,8 +53,6 @@ class MethodRun:
     params: int
     heads: Optional[list[Head]] = None
     info: dict[str, Any] = field(default_factory=dict)
-    key: Optional[str] = None
-    """The engine key of the ``tune`` phase it trained through (``ctx.tune``), if any."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +81,11 @@ class Method:
         return {f"{self.name}_{k}": v for k, v in values.items()}
 
 
+RESERVED_KEYWORDS = ("methods", "seeds", "epochs", "out", "extra", "progress", "executor", "task",
+                     "model", "device", "device_map", "dtype", "data_dir", "quiet", "budget",
+                     "num_processes", "overwrite", "allow_other_model", "fast", "fold", "match")
+"""``compare``'s own parameters and the CLI's fixed flags: no method option may take them."""
+
 METHODS: dict[str, Method] = {}
 """Every registered method by name, in registration order (the order of ``compare``'s
 table): the built-in ones as ``lofit_lens.methods`` imports them, then any registered since."""
@@ -102,7 +105,8 @@ def register_method(method: Method) -> Method:
     if undocumented:
         raise ValueError(f"{cls.__name__}: no help text on {', '.join(undocumented)} "
                          '(field(default=..., metadata={"help": "..."}))')
-    taken = set(option_keywords()) | {f.name for f in dataclasses.fields(LoFiTConfig)}
+    taken = (set(option_keywords()) | {f.name for f in dataclasses.fields(LoFiTConfig)}
+             | set(RESERVED_KEYWORDS))
     clashes = sorted(set(method.keywords()) & taken)
     if clashes:
         raise ValueError(f"{method.name}: its keywords {clashes} are already taken")
@@ -208,4 +212,4 @@ class RunContext:
         tuned = engine.tuning(self.model, self.task, self.cfg, heads, self.phases, self.progress,
                               use_scale=use_scale)
         return MethodRun(tuned.intervention, tuned.intervention.num_trainable_parameters(),
-                         None if heads is None else list(heads), key=tuned.key)
+                         None if heads is None else list(heads))

@@ -28,13 +28,16 @@ from lofit_lens.config import LoFiTConfig, parse_epochs
 from lofit_lens.errors import ArtifactError, ConfigError
 from lofit_lens.eval.evaluate import example_scores
 from lofit_lens.executors import Executor, ExecutorLike, get_executor
-from lofit_lens.intervention import Intervention
+from lofit_lens.intervention import Intervention, rebuild_intervention
 from lofit_lens.methods.base import (
-    METHODS, MethodOptions, RunContext, check_methods, get_method, option_keywords, split_options,
+    METHODS, Method, MethodOptions, RunContext, check_methods, get_method, option_keywords,
+    register_method, split_options,
 )
 from lofit_lens.methods.runs import rebuilt, trained_method
 from lofit_lens.stats import bootstrap_ci, wilson_ci
-from lofit_lens.store import folder_lock, jsonable, load_artifact, load_card, save_artifact, write_text
+from lofit_lens.store import (
+    jsonable, load_artifact, load_card, save_artifact, shared_write_lock, write_text,
+)
 from lofit_lens.training import TaskLike, resolve_run
 
 RUN_KIND = "compare_run"
@@ -83,7 +86,7 @@ def compare(
     if epochs is not None:
         select, bias = parse_epochs(epochs)
         settings.update(epochs_select=select, epochs_bias=bias)
-    out = Path(out) if out is not None else None
+    out = Path(out).resolve() if out is not None else None
     run_cells = get_executor(executor)
     jobs: list[tuple[RunContext, str, Optional[int]]] = []
     for fold in _folds(task, extra):
@@ -92,7 +95,7 @@ def compare(
             task_obj, cfg = resolve_run(task, None, {**settings, "seed": seed, "extra": task_extra})
             if not cfg.eval_splits:
                 raise ValueError("compare needs an evaluation split (eval_splits is empty)")
-            phases = None if out is None else PhaseCheckpoint(out, lock=False)
+            phases = None if out is None else PhaseCheckpoint(out)
             ctx = RunContext(model, task_obj, cfg, options, progress and run_cells.in_process,
                              phases)
             for name in methods:
@@ -161,7 +164,7 @@ def _write_record(ctx: RunContext, name: str, fold: Optional[int], out: Path, ce
     """``out/runs/<method>[-fold<f>]-seed<s>.json``: the run's record for people and
     ``load_intervention`` (the engine's phases in ``out`` are the cache)."""
     folder, stem = _location(ctx, name, fold, out)
-    with folder_lock(out):
+    with shared_write_lock(folder):
         save_artifact(folder, {}, cell, kind=RUN_KIND, name=stem)
 
 
@@ -175,11 +178,16 @@ class _RunItem:
     name: str
     fold: Optional[int]
     phases: Optional[PhaseCheckpoint] = None
+    method: Optional[Method] = None
+    """The method's record: a method registered in this process only (a notebook, a plug-in
+    file) is registered in the worker from it."""
 
 
 def _run_item(model, item: _RunItem) -> Cell:
-    """A run in a worker: its record (its phases go to the shared store, written
-    atomically; ITI probes are fitted once per run, not shared between methods)."""
+    """A run in a worker: its record (its phases go to the shared store; ITI probes are
+    fitted once per run, not shared between methods)."""
+    if item.method is not None and item.name not in METHODS:
+        register_method(item.method)
     ctx = RunContext(model, item.task, item.cfg, item.options, progress=False,
                      phases=item.phases)
     return run_record(ctx, item.name, item.fold)
@@ -188,7 +196,7 @@ def _run_item(model, item: _RunItem) -> Cell:
 def _remote_cells(run_cells: Executor, model, jobs, out: Optional[Path],
                   progress: bool) -> list[Cell]:
     """The runs of ``jobs`` computed by ``run_cells``; their records written here."""
-    items = [_RunItem(ctx.task, ctx.cfg, ctx.options, name, fold, ctx.phases)
+    items = [_RunItem(ctx.task, ctx.cfg, ctx.options, name, fold, ctx.phases, METHODS[name])
              for ctx, name, fold in jobs]
     cells = run_cells.map(_run_item, model, items, desc="compare runs", progress=progress)
     if out is not None:
@@ -199,11 +207,17 @@ def _remote_cells(run_cells: Executor, model, jobs, out: Optional[Path],
 
 def load_intervention(card_path: Union[str, Path]) -> Optional[Intervention]:
     """The intervention of a ``compare`` run (``runs/<stem>.json``), rebuilt from the
-    engine's phase it names; ``None`` for the plain model (zero-shot)."""
+    engine's phase it names; ``None`` for the plain model (zero-shot). A record written
+    before the engine (its intervention saved beside it) loads too."""
     card_path = Path(card_path)
     card = load_card(card_path, kind=RUN_KIND)
+    if "trained" not in card and "intervention" in card:  # the intervention beside the card
+        tensors, card = load_artifact(card_path.parent, kind=RUN_KIND, card_name=card_path.name)
+        saved = card["intervention"]
+        return None if saved is None else rebuild_intervention(saved["kind"], saved["spec"], tensors)
     if card.get("trained") is None:
-        raise ArtifactError(f"{card_path} names no saved training (run without out?)")
+        raise ArtifactError(f"{card_path} names no saved training: the run was made without "
+                            f"out=, so nothing of it was saved")
     out = card_path.parent.parent
     tensors, phase = load_artifact(out, kind="phase", name=Path(card["trained"]).stem)
     return rebuilt({**phase["value"], **tensors})

@@ -3,9 +3,10 @@
 ``trained_method`` runs a registered method on a ``RunContext`` as a ``method`` phase of the
 context's store (``lofit_lens.engine``): the intervention in its saved form, its trainable
 parameters, heads, info and training seconds. A method that tunes v with ``ctx.tune`` (LoFiT
-and every head selector, RED) trains through the engine's ``tune`` phase, and its
-evaluations are keyed by that phase: ``compare``'s LoFiT row reads the step 2 and the
-evaluations that ``ll.lofit(checkpoint=...)`` or an analysis saved in the same folder.
+and every head selector, RED) trains through the engine's ``tune`` phase, so ``compare``'s
+LoFiT row reads the step 2 that ``ll.lofit(checkpoint=...)`` or an analysis saved in the
+same folder; evaluations are keyed by the edit itself (``engine.content_key``), so that
+row reads their evaluations too.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ STATE = "state/"
 
 def saved_form(run: MethodRun, seconds: float) -> Phase:
     """A method's run as its ``method`` phase value: the intervention (kind and spec, its
-    tensors on the CPU under ``STATE``), ``params``, ``heads``, ``info``, ``seconds`` and
-    ``made_by`` (the engine key of the ``tune`` phase it trained through, if any)."""
+    tensors on the CPU under ``STATE``), ``params``, ``heads``, ``info`` and ``seconds``."""
     value: Phase = {"intervention": None, "params": run.params, "seconds": seconds,
                     "heads": None if run.heads is None else [list(h) for h in run.heads],
-                    "info": jsonable(run.info), "made_by": run.key}
+                    "info": jsonable(run.info)}
     if run.intervention is not None:
         value["intervention"] = {"kind": run.intervention.kind, "spec": run.intervention.spec()}
         value.update({STATE + k: v.detach().cpu()
@@ -48,9 +48,8 @@ def rebuilt(value: Phase) -> Optional[Intervention]:
 
 def trained_method(ctx: RunContext, name: str) -> engine.Trained:
     """The method ``name`` trained on ``ctx`` (read from ``ctx.phases`` when saved there with
-    the same method, options and settings). Its ``key`` is what its evaluations are keyed
-    by: the ``tune`` phase's for a method that tuned v through the engine, ``None`` for the
-    untouched model, else the ``method`` phase's own."""
+    the same method, options and settings); its ``key``, what its evaluations are keyed by,
+    is the edit's ``engine.content_key`` (``None``: the untouched model)."""
     method = get_method(name)
 
     def compute() -> Phase:
@@ -66,7 +65,5 @@ def trained_method(ctx: RunContext, name: str) -> engine.Trained:
     stored = engine.method_training(ctx.model, ctx.task, ctx.cfg, ctx.phases, name, options,
                                     compute)
     intervention = rebuilt(stored.value)
-    made_by = stored.value["made_by"]
-    key = made_by if made_by is not None else (None if intervention is None else stored.key)
-    return engine.Trained(intervention, key, stored.value, stored.cached, stored.path,
-                          stored.settings)
+    return engine.Trained(intervention, engine.content_key(intervention), stored.value,
+                          stored.cached, stored.path, stored.settings)
