@@ -130,3 +130,33 @@ def test_options_without_help_are_refused():
     with pytest.raises(ValueError, match="no help text on size"):
         register_method(Method("undocumented", lambda ctx, options: None, Undocumented))
     assert "undocumented" not in METHODS
+
+
+def test_an_edit_changed_after_tuning_is_evaluated_again(tiny_model, tiny_task_file, tmp_path,
+                                                         monkeypatch):
+    """Evaluations are keyed by the edit itself: a method that tunes v through ctx.tune (the
+    same step-2 phase as the "random" row) and then doubles it is not given the random
+    row's cached evaluation."""
+    from lofit_lens import engine
+    from lofit_lens.methods.selectors import random_heads
+
+    def doubled(ctx, options):
+        """v tuned on random heads, then doubled."""
+        run = ctx.tune(random_heads(ctx.dims, ctx.k, ctx.cfg.seed))
+        with torch.no_grad():
+            run.intervention.bias.mul_(2.0)
+        return run
+
+    register_method(Method("doubled_random", doubled))
+    try:
+        task = str(tiny_task_file)
+        kwargs = dict(k=2, epochs=1, max_train_examples=4, max_eval_examples=2, out=tmp_path / "o",
+                      progress=False, max_val_examples=0)
+        compare(tiny_model, task, methods=["random"], **kwargs)
+        evaluated = []
+        real = engine.evaluate
+        monkeypatch.setattr(engine, "evaluate", lambda *a, **k: evaluated.append(1) or real(*a, **k))
+        compare(tiny_model, task, methods=["random", "doubled_random"], **kwargs)
+        assert evaluated == [1]  # random's read back; the doubled edit evaluated anew
+    finally:
+        unregister_method("doubled_random")

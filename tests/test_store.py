@@ -89,3 +89,19 @@ def test_head_intervention_reloads_from_its_saved_form(tmp_path):
     back = rebuild_intervention("head", card["spec"], tensors)
     assert back.active_heads == module.active_heads
     assert torch.equal(back.scale, module.scale) and torch.equal(back.bias, module.bias)
+
+
+def test_a_phase_another_writer_saved_meanwhile_is_read_back(tmp_path):
+    """Two writers of one phase (parallel workers on one cache): the second finds the first's
+    file under the shared write lock and returns it instead of writing over it."""
+    from lofit_lens.checkpoint import PhaseCheckpoint
+
+    settings = {"a": 1}
+
+    def other_writer_finishes_first():
+        PhaseCheckpoint(tmp_path).record("select", settings, lambda: {"v": torch.ones(2), "n": 1})
+        return {"v": torch.zeros(2), "n": 2}
+
+    stored = PhaseCheckpoint(tmp_path).record("select", settings, other_writer_finishes_first)
+    assert stored.cached and stored.value["n"] == 1 and torch.equal(stored.value["v"], torch.ones(2))
+    assert len(list(tmp_path.glob("select-*.json"))) == 1
