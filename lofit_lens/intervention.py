@@ -45,7 +45,10 @@ class Intervention(Protocol):
         """Parameters that actually train (masked entries excluded)."""
 
     def attach(self, model) -> ContextManager[Any]:
-        """Apply to ``model`` inside a ``with`` body; hooks removed after, also on error."""
+        """Apply to ``model`` inside a ``with`` body; hooks removed after, also on error. An
+        edit that acts at chosen positions (a prompt's last token, answer tokens) enters
+        ``eval.positions.position_dependent_edit()`` there, so that generation and MC scoring
+        run each prompt whole (a batch's shared prompt start run once would move them)."""
 
     def first_layer(self) -> int:
         """The lowest layer it edits (0 if it may edit the embeddings' output): the frozen

@@ -129,14 +129,15 @@ def collate(pairs: Sequence[Pair], pad: int) -> TokenBatch:
     return TokenBatch(tokens, attention, target)
 
 
-def batch_rows(rows: Sequence[list[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], int]:
+def batch_rows(rows: Sequence[list[int]], pad: int,
+               share: bool = True) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], int]:
     """Prompts as one generation batch: ``(tokens, attention_mask, shared)``. The first
     ``shared`` columns hold the tokens every row starts with (at least ``SHARED_PREFIX_MIN``,
-    else none: 0), and each row's own tokens follow them left-padded, so that every row's last
-    token is at position -1. Positions count real tokens only (``attention_mask``), so a row
-    reads the same positions as it would alone."""
+    else none: 0; ``share=False``: none), and each row's own tokens follow them left-padded,
+    so that every row's last token is at position -1. Positions count real tokens only
+    (``attention_mask``), so a row reads the same positions as it would alone."""
     shared = 0
-    if len(rows) > 1:
+    if share and len(rows) > 1:
         longest = min(len(r) for r in rows) - 1  # each row keeps a token of its own
         while shared < longest and all(r[shared] == rows[0][shared] for r in rows):
             shared += 1

@@ -227,11 +227,14 @@ def test_reft_dpo_rows_publish_chosen_then_rejected_ends(tiny_model):
     assert [row.nonzero().flatten().tolist() for row in changed[0]] == [[e] for e in ends]
 
 
-def test_reft_generation_edits_the_prefill_only_and_matches_a_full_recompute(tiny_model):
+@pytest.mark.parametrize("prompts", [["abc:", "abcdef:"],
+                                     # a common start that generation would run once
+                                     ["the answer is abc:", "the answer is abcdef:"]])
+def test_reft_generation_edits_the_prefill_only_and_matches_a_full_recompute(tiny_model, prompts):
     """Cached greedy decoding with ReFT equals decoding by full forwards in which the
-    prompt's last token is edited (and nothing else), for left-padded prompts of two lengths."""
+    prompt's last token is edited (and nothing else), for left-padded prompts of two lengths,
+    also when they share a long start (ReFT attached: prompts run whole, not split there)."""
     reft = random_reft(tiny_model, layers=(0, 1))
-    prompts = ["abc:", "abcdef:"]
     with reft.attach(tiny_model):
         cached = greedy_generate(tiny_model, prompts, 5, batch_size=2, progress=False)
     tok = hf_tokenizer(tiny_model)
@@ -341,3 +344,19 @@ def test_method_overlap_scores_every_head_and_compares_top_k(tiny_model, tiny_ta
     row = pairs[(pairs.method_i == "lofit") & (pairs.method_j == "jola")].iloc[0]
     assert row.jaccard == row.intersection / 3
     figure(pairs, 0.25, ["tiny"], ["reverse"])
+
+
+def test_a_last_position_iti_shift_generates_as_one_prompt_at_a_time(tiny_model):
+    """ITI's "last" shift edits the last position of each forward: batched prompts with a
+    common start must give what each prompt gives alone (a split at the shared start would
+    also edit the start's last token)."""
+    from lofit_lens.methods.iti import ITIShift
+
+    shift = ITIShift(model_dims(tiny_model), "last").set_heads(None)  # every head
+    with torch.no_grad():
+        shift.bias.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))  # the split shows
+    prompts = ["the answer is abc:", "the answer is abcdef:", "the answer is x:"]
+    with shift.attach(tiny_model):
+        batched = greedy_generate(tiny_model, prompts, 5, batch_size=3, progress=False)
+        alone = [greedy_generate(tiny_model, [p], 5, batch_size=1, progress=False)[0] for p in prompts]
+    assert batched == alone

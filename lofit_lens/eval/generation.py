@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from lofit_lens.batching import EVAL_BATCH_TOKENS, context_length, fit_prompt, token_batches
 from lofit_lens.backends.hf_cache import hf_greedy_generate
 from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
+from lofit_lens.eval.positions import prefix_sharing_allowed
 from lofit_lens.padding import batch_rows, encode_prompt, pad_id
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _generate_rows(model, rows: list[list[int]], max_new_tokens: int,
     tok = hf_tokenizer(model)
     eos = tok.eos_token_id
     if uses_bridge(model):  # HF's own generate (backends.hf_cache); interventions act inside
-        tokens, attention, shared = batch_rows(rows, pad_id(tok))
+        tokens, attention, shared = batch_rows(rows, pad_id(tok), prefix_sharing_allowed())
         device = model_device(model)
         new = hf_greedy_generate(model, tokens.to(device), attention.to(device), max_new_tokens,
                                  list(stop_strings), tok, pad_id(tok), shared_prefix=shared)
@@ -127,7 +128,7 @@ def greedy_steps(model, rows: Sequence[list[int]], new_tokens: int,
     for start in range(0, len(rows), batch_size):
         chunk = list(rows[start:start + batch_size])
         if uses_bridge(model):
-            tokens, attention, shared = batch_rows(chunk, pad_id(tok))
+            tokens, attention, shared = batch_rows(chunk, pad_id(tok), prefix_sharing_allowed())
             new, logits = hf_greedy_generate(model, tokens.to(device), attention.to(device),
                                              new_tokens, [], tok, pad_id(tok), stop_at_eos=False,
                                              with_logits=True, shared_prefix=shared)

@@ -26,7 +26,9 @@ from lofit_lens.backends.hf_cache import decoding_model, forward_with_cache, las
 from lofit_lens.backends.hooked import check_hooked_model, hf_tokenizer, model_device, uses_bridge
 from lofit_lens.errors import PromptTooLongError
 from lofit_lens.losses import sequence_logprobs
-from lofit_lens.eval.positions import answer_index_from_mask, answer_positions
+from lofit_lens.eval.positions import (
+    answer_index_from_mask, answer_positions, prefix_sharing_allowed,
+)
 from lofit_lens.padding import (
     Pair, collate, encode_pair, encode_prompt, left_pad, left_pad_positions, pad_id,
     positions_after, right_pad,
@@ -59,6 +61,7 @@ def choice_scores(model, examples: Sequence[ChoiceExample], batch_size: int = 16
     """
     check_hooked_model(model)
     share = uses_bridge(model) if share_prefix is None else share_prefix
+    share = share and prefix_sharing_allowed()  # a position-dependent edit: whole sequences
     if share and not uses_bridge(model):
         raise ValueError("share_prefix=True needs a TransformerBridge (TL 4.x); a "
                          "HookedTransformer scores full sequences (share_prefix=False)")

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from lofit_lens.backends.hooked import attached_hooks, model_device, uses_bridge
 from lofit_lens.config import LoFiTConfig
 from lofit_lens.errors import ModelMismatchError
-from lofit_lens.eval.positions import current_answer_index
+from lofit_lens.eval.positions import current_answer_index, position_dependent_edit
 from lofit_lens.history import TrainingHistory
 from lofit_lens.intervention import register_intervention
 from lofit_lens.methods.base import Method, MethodOptions, MethodRun, RunContext, register_method
@@ -227,8 +227,8 @@ class LoReFT(nn.Module):
 
         handles = [top.register_forward_pre_hook(before, with_kwargs=True),
                    top.register_forward_hook(after, with_kwargs=True)]
-        try:
-            with attached_hooks(model, self.hooks()):
+        try:  # it edits a prompt's last token: prompts run whole, never split at a shared start
+            with position_dependent_edit(), attached_hooks(model, self.hooks()):
                 yield self
         finally:
             for handle in handles:
