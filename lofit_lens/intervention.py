@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from lofit_lens.backends.hooked import (
     ModelDims, attached_hooks, hook_z_name, model_device, model_dims,
 )
+from lofit_lens.eval.positions import position_dependent_edit
 from lofit_lens.errors import ModelMismatchError
 
 Head = tuple[int, int]
@@ -92,6 +93,9 @@ class HeadIntervention(nn.Module):
     """
 
     kind: ClassVar[str] = "head"
+    acts_at_chosen_positions: ClassVar[bool] = False
+    """Whether ``edit`` acts at chosen positions only (then ``attach`` marks it,
+    ``eval.positions.position_dependent_edit``); A and v act at every position."""
 
     def __init__(self, dims: ModelDims, use_scale: bool = True, use_bias: bool = True):
         super().__init__()
@@ -229,7 +233,8 @@ class HeadIntervention(nn.Module):
         device = model_device(model)
         if self.head_mask.device != device:
             self.to(device)
-        with attached_hooks(model, self.hooks()):
+        marked = position_dependent_edit() if self.acts_at_chosen_positions else contextlib.nullcontext()
+        with marked, attached_hooks(model, self.hooks()):
             yield self
 
 

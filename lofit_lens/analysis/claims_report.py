@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -180,16 +180,20 @@ def claims_table(frame: pd.DataFrame) -> str:
     layers / Jaccard, 95% CI, p, Holm p, verdict, n needed."""
     if frame.empty:
         return "(none)"
-    lines = ["| claim | model | contrast | test | n | seeds | effect [95% CI] | p | p (Holm) | "
-             "paired bootstrap p (paper's) | verdict | n needed (α=0.05 / α/m) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for _, r in frame.iterrows():
-        needed = f"{stats.format_n(r['n_needed'])} / {stats.format_n(r['n_needed_holm'])}"
-        lines.append(f"| {r['claim']} | {r['model']} | {r['contrast']} | {r['test']} | "
-                     f"{int(r['n'])} {r['unit']} | {r['seeds']} | {_effect(r)} | "
-                     f"{stats.format_p(r['p'])} | {stats.format_p(r['p_holm'])} | "
-                     f"{stats.format_p(r['p_bootstrap_paper'])} | {r['verdict']} | {needed} |")
-    return "\n".join(lines)
+    header = ["claim", "model", "contrast", "test", "n", "seeds", "effect [95% CI]", "p",
+              "p (Holm)", "paired bootstrap p (paper's)", "verdict", "n needed (α=0.05 / α/m)"]
+    return _markdown(header, (
+        [r["claim"], r["model"], r["contrast"], r["test"], f"{int(r['n'])} {r['unit']}",
+         r["seeds"], _effect(r), stats.format_p(r["p"]), stats.format_p(r["p_holm"]),
+         stats.format_p(r["p_bootstrap_paper"]), r["verdict"],
+         f"{stats.format_n(r['n_needed'])} / {stats.format_n(r['n_needed_holm'])}"]
+        for _, r in frame.iterrows()))
+
+
+def _markdown(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table: ``header``, then one line per row of ``rows``."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
 
 
 def accuracy_table(frame: pd.DataFrame) -> str:
@@ -198,45 +202,45 @@ def accuracy_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no task evaluated)"
     pooled = frame[frame["seed"] == "pooled"]
-    lines = ["| model | task | method | metric | n | score [95% CI] | per seed | interval |",
-             "|---|---|---|---|---|---|---|---|"]
-    for _, r in pooled.iterrows():
+    pct = stats.format_pct
+
+    def row(r) -> list[Any]:
         seeds = frame[(frame["model"] == r["model"]) & (frame["task"] == r["task"])
                       & (frame["method"] == r["method"]) & (frame["metric"] == r["metric"])
                       & (frame["seed"] != "pooled")]
-        pct = stats.format_pct
-        per_seed = " / ".join(pct(s) for s in seeds["score"])
-        lines.append(f"| {r['model']} | {r['task']} | {r['method']} | {r['metric']} | {r['n']} | "
-                     f"{pct(r['score'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}] | "
-                     f"{per_seed} | {r['ci']} |")
-    return "\n".join(lines)
+        return [r["model"], r["task"], r["method"], r["metric"], r["n"],
+                f"{pct(r['score'])} [{pct(r['ci_low'])}, {pct(r['ci_high'])}]",
+                " / ".join(pct(s) for s in seeds["score"]), r["ci"]]
+
+    return _markdown(["model", "task", "method", "metric", "n", "score [95% CI]", "per seed",
+                      "interval"], (row(r) for _, r in pooled.iterrows()))
 
 
 def stability_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(none)"
-    lines = ["| model | head sets | K | pairs | Jaccard mean [min, max] | random expectation | "
-             "max pairwise p (hypergeometric) |", "|---|---|---|---|---|---|---|"]
-    for _, r in frame.iterrows():
-        lines.append(f"| {r['model']} | {r['task']} | {r['k']} | {r['n_pairs']} | "
-                     f"{r['jaccard']:.2f} [{r['jaccard_min']:.2f}, {r['jaccard_max']:.2f}] | "
-                     f"{r['jaccard_random']:.3f} | {stats.format_p(r['p_max'])} |")
-    return "\n".join(lines)
+    return _markdown(
+        ["model", "head sets", "K", "pairs", "Jaccard mean [min, max]", "random expectation",
+         "max pairwise p (hypergeometric)"],
+        ([r["model"], r["task"], r["k"], r["n_pairs"],
+          f"{r['jaccard']:.2f} [{r['jaccard_min']:.2f}, {r['jaccard_max']:.2f}]",
+          f"{r['jaccard_random']:.3f}", stats.format_p(r["p_max"])] for _, r in frame.iterrows()))
 
 
 def quality_table(frame: pd.DataFrame) -> str:
     """Each selection's diagnostic (``selection_quality``; stability against the other seeds)."""
     if frame.empty or "verdict" not in frame:
         return "(none)"
+
     def num(x: Any, f: str) -> str:
         return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, f)
-    lines = ["| model | task | seed | K | verdict | movement ‖A−A0‖/‖A0‖ | K/K+1 gap ratio | "
-             "Jaccard with other seeds (chance) |", "|---|---|---|---|---|---|---|---|"]
-    for _, r in frame.iterrows():
-        lines.append(f"| {r['model']} | {r['task']} | {r['seed']} | {r['k']} | {r['verdict']} | "
-                     f"{num(r['movement'], '.3g')} | {num(r['gap_ratio'], '.2f')} | "
-                     f"{num(r['stability'], '.2f')} ({num(r['stability_chance'], '.2f')}) |")
-    return "\n".join(lines)
+    return _markdown(
+        ["model", "task", "seed", "K", "verdict", "movement ‖A−A0‖/‖A0‖", "K/K+1 gap ratio",
+         "Jaccard with other seeds (chance)"],
+        ([r["model"], r["task"], r["seed"], r["k"], r["verdict"], num(r["movement"], ".3g"),
+          num(r["gap_ratio"], ".2f"),
+          f"{num(r['stability'], '.2f')} ({num(r['stability_chance'], '.2f')})"]
+         for _, r in frame.iterrows()))
 
 
 def render_markdown(report: ClaimsReport) -> str:

@@ -9,9 +9,8 @@ last position of each forward pass during generation; ``clean``: at every positi
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import einops
 import torch
@@ -19,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from lofit_lens.backends.hooked import ModelDims, hf_tokenizer
-from lofit_lens.eval.positions import current_answer_index, position_dependent_edit
+from lofit_lens.eval.positions import current_answer_index
 from lofit_lens.intervention import Head, HeadIntervention, register_intervention
 from lofit_lens.methods.base import Method, MethodOptions, MethodRun, RunContext, register_method
 from lofit_lens.methods.probes import Probes
@@ -60,14 +59,9 @@ class ITIShift(HeadIntervention):
             module.head_mask.copy_(tensors["head_mask"].bool())
         return module
 
-    @contextlib.contextmanager
-    def attach(self, model) -> Iterator["ITIShift"]:
-        """As ``HeadIntervention.attach``; a shift at the last position or on answer tokens
-        also marks itself position-dependent, so prompts are run whole."""
-        with contextlib.ExitStack() as stack:
-            if self.where != "all":
-                stack.enter_context(position_dependent_edit())
-            yield stack.enter_context(super().attach(model))
+    @property
+    def acts_at_chosen_positions(self) -> bool:  # type: ignore[override]
+        return self.where != "all"
 
     def edit(self, z: Float[Tensor, "batch pos head d_head"], layer: int) -> Float[Tensor, "batch pos head d_head"]:
         if self.where == "all":
