@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beyond", nargs="+", default=[], metavar="METHOD",
                    help="methods beyond the paper's (e.g. jola reft repe) run on the same seeds "
                         "and test subsets and compared with LoFiT (two-sided paired tests)")
+    p.add_argument("--no-transfer", dest="transfer", action="store_false",
+                   help="skip claim 2's transfer cells (v tuned on another task's heads): "
+                        "claim 2 is not tested, and each task and seed needs one tuning less "
+                        "per other task")
     p.add_argument("--n-permutations", type=int, default=20_000)
     p.add_argument("--n-bootstrap", type=int, default=2000)
     return p
@@ -102,7 +106,8 @@ def run(args) -> ClaimsReport:
         report = replicate_claims(
             model, tasks=[] if args.selection_only else args.tasks,
             selection_tasks=args.selection_tasks, n_bootstrap=args.n_bootstrap,
-            n_permutations=args.n_permutations, beyond=args.beyond, **design_options(args))
+            n_permutations=args.n_permutations, beyond=args.beyond,
+            transfer=args.transfer, **design_options(args))
         log.lap(f"claims {name}", start)
         files += report.save(args.out / slug(name))
         reports.append(report)

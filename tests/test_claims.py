@@ -224,6 +224,26 @@ def test_selection_only_tests_claims_3_and_4(report, tiny_model, task_paths):
     assert "(no task evaluated)" in only.markdown()
 
 
+def test_without_transfer_claim_2_is_skipped_and_the_rest_read_back(report, tiny_model,
+                                                                    task_paths):
+    result, cache = report
+    lines = []
+    skipped = replicate_claims(tiny_model, tasks=[task_paths["say"], task_paths["pick"]],
+                               selection_tasks=[task_paths["succ"]], budget="smoke",
+                               seeds=(0, 1, 2), cache_dir=cache, k=3, n_bootstrap=200,
+                               n_permutations=2000, n_draws=500, log=lines.append,
+                               transfer=False, **TINY)
+    assert sorted(skipped.claims["claim"]) == ["1", "1", "3", "4", "5", "5"]
+    assert "transfer cells skipped: claim 2 not tested" in lines
+    assert not any(" heads -> " in line for line in lines)  # no transfer cell computed
+    assert all("(cached)" in line for line in lines if " s wall" in line)
+    full = result.claims.set_index(["claim", "contrast"])
+    for _, row in skipped.claims.iterrows():  # the same cells as the full run's
+        assert row["effect"] == pytest.approx(full.loc[(row["claim"], row["contrast"]), "effect"])
+    assert skipped.settings["tiny-llama"]["transfer"] is False
+    assert result.settings["tiny-llama"]["transfer"] is True
+
+
 # ---------------------------------------------------------------------- Fig. 2/4/5 with CIs
 @pytest.fixture(scope="module")
 def figures(report, tiny_model, task_paths):

@@ -58,6 +58,7 @@ def replicate_claims(
     progress: bool = False,
     log: Optional[Log] = print,
     beyond: Sequence[str] = (),
+    transfer: bool = True,
     **overrides,
 ) -> ClaimsReport:
     """Test the five claims (module docstring) on ``model``.
@@ -71,12 +72,14 @@ def replicate_claims(
     ``LoFiTConfig`` fields per task (by name); ``overrides``: for every task. ``beyond``:
     methods beyond the paper's (e.g. ``("jola", "reft", "repe")``) run on the same seeds and
     test subsets and compared with LoFiT (two-sided paired tests, Holm: the "beyond" rows
-    of ``details``).
+    of ``details``). ``transfer=False``: claim 2's transfer cells are skipped (claim 2 not
+    tested), which saves one tuning per task, seed and other task.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     say = log or (lambda message: None)
     data = collect_claims(model, tasks, selection_tasks, budget, seeds, cache_dir, k, n_test,
-                          task_overrides, options, progress, say, beyond, **overrides)
+                          task_overrides, options, progress, say, beyond, transfer,
+                          **overrides)
     test_options = ClaimTestOptions(alpha, n_bootstrap, n_permutations, n_draws)
     tested = [test(data, test_options, say) for test in CLAIM_TESTS]
     claims = finish_family([row for rows in tested for row in rows.claims], alpha)

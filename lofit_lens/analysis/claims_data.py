@@ -206,10 +206,10 @@ def collect_claims(model, tasks: Sequence[str], selection_tasks: Optional[Sequen
                    task_overrides: Optional[Mapping[str, Mapping[str, Any]]] = None,
                    options: ITIOptions = ITIOptions(), progress: bool = False,
                    log: Optional[Log] = None, beyond: Sequence[str] = (),
-                   **overrides) -> ClaimsData:
+                   transfer: bool = True, **overrides) -> ClaimsData:
     """Every head selection and evaluated cell of the claims on ``model`` (the arguments of
     ``replicate_claims``), cached under ``cache_dir``; each step logged with its wall and
-    CPU time."""
+    CPU time. ``transfer=False`` skips claim 2's cells (v tuned on another task's heads)."""
     say = log or (lambda message: None)
     seeds = sorted(seeds)
     if len(seeds) < 2:
@@ -248,7 +248,7 @@ def collect_claims(model, tasks: Sequence[str], selection_tasks: Optional[Sequen
 
     # --- evaluated cells of every task in ``tasks``
     scores: dict[tuple[str, str, int], dict[str, list[float]]] = {}  # (method, task, seed)
-    sources = {t: [s for s in tasks if s != t] for t in tasks}
+    sources = {t: [s for s in tasks if s != t] if transfer else [] for t in tasks}
     for seed in seeds:
         for task_name in tasks:
             task_obj, cfg = runs[task_name, seed]
@@ -279,5 +279,7 @@ def collect_claims(model, tasks: Sequence[str], selection_tasks: Optional[Sequen
                     model, task_obj, cfg, cache_dir, method, progress=progress)))
     if not tasks:
         say("no evaluated tasks: claims 1, 2 and 5 not tested (head selections only)")
+    elif not transfer and len(tasks) > 1:
+        say("transfer cells skipped: claim 2 not tested")
     return ClaimsData(name, dims, budget, options, seeds, list(tasks), selection_tasks, runs,
                       labels, n_heads, heads, scores, sources, quality, list(beyond))

@@ -147,7 +147,8 @@ def run_settings(data: ClaimsData, alpha: float) -> dict[str, Any]:
         "n_train": {labels[t]: runs[t, seeds[0]][1].max_train_examples
                     for t in data.selection_tasks},
         "epochs": [first.epochs_select, first.epochs_bias], "lr_bias": first.lr_bias,
-        "protocol": first.protocol, "alpha": alpha, "iti_alpha": data.options.alpha}}
+        "protocol": first.protocol, "alpha": alpha, "iti_alpha": data.options.alpha,
+        "transfer": any(data.sources.values())}}
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -304,7 +304,7 @@ def claim_2(data: ClaimsData, options: ClaimTestOptions, log: Log) -> ClaimRows:
     """Fig. 2: same-task heads beat heads transferred from another task: per cell of the
     transfer matrix (details), and per example against the mean of the other tasks' heads."""
     if not any(data.sources.values()):
-        if data.tasks:
+        if len(data.tasks) == 1:
             log("claim 2 needs at least two evaluated tasks: not tested")
         return ClaimRows([], [])
     labels, family = data.labels, []
