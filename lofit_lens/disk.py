@@ -1,6 +1,7 @@
 """Disk faults, named: which OS errors mean a full disk or a read-only folder
 (``write_error``), a writability probe run before expensive work (``check_writable``), and
-removal of the ``.partial`` files a failed write leaves (``discard``).
+staged writes (``staged``: a ``.partial`` sibling renamed into place, removed by ``discard``
+when the write fails).
 
 It imports only ``lofit_lens.errors``, so the lowest layer (``backends``: the model cache)
 uses it as the store (``--out``) does.
@@ -14,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 from safetensors import SafetensorError
 
@@ -68,6 +69,27 @@ def raise_write_error(path: str | Path, err: BaseException, fix: str = WRITE_FIX
     if named is err:
         raise err
     raise named from err
+
+
+def partial_path(path: Path) -> Path:
+    """``<path>.<pid>.partial``: the sibling this process writes ``path`` in before renaming
+    it into place (the pid keeps two writers of one path apart)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
+@contextlib.contextmanager
+def staged(path: Path, fix: str = WRITE_FIX) -> Iterator[Path]:
+    """Yield ``partial_path(path)``, cleared, for the ``with`` body to write and rename into
+    place. On any failure it is removed, and a full disk or a read-only folder is raised as
+    ``OutputNotWritableError`` naming ``path`` and ``fix``."""
+    tmp = partial_path(path)
+    discard(tmp)  # a leftover of an earlier process that had this pid
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+    except BaseException as err:
+        discard(tmp)
+        raise_write_error(path, err, fix)
 
 
 def check_writable(folder: str | Path, need_bytes: int = 0, fix: str = WRITE_FIX) -> None:

@@ -44,7 +44,7 @@ from lofit_lens.backends.hf import EMBEDDED_MODELS, cache_dir, load_hf
 from lofit_lens.backends.hooked import ModelDims, model_dims, model_id
 from lofit_lens.errors import ModelMismatchError, ResultExistsError, UnsupportedModelError
 from lofit_lens.intervention import HeadIntervention
-from lofit_lens.disk import check_writable, discard, raise_write_error
+from lofit_lens.disk import check_writable, discard, staged
 
 logger = logging.getLogger(__name__)
 
@@ -270,18 +270,10 @@ def write_folder(out: Path, write: Callable[[Path], None], overwrite: bool = Fal
     ``out`` is renamed aside (``<out>.<pid>.old``) and removed once the new one is in place;
     without, an ``out`` that gained files meanwhile raises ``ResultExistsError``. On any
     failure (or an interrupt) the ``.partial`` folder is removed and ``out`` is as before."""
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
-    discard(tmp)  # a leftover of an earlier process that had this pid
-    try:
-        try:
-            tmp.mkdir(parents=True)
-            write(tmp)
-        except OSError as err:  # a full disk or a read-only folder: named
-            raise_write_error(out, err, OUT_FIX)
+    with staged(out, OUT_FIX) as tmp:
+        tmp.mkdir()
+        write(tmp)
         _move_into_place(tmp, out, overwrite)
-    except BaseException:
-        discard(tmp)
-        raise
     return out
 
 

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from lofit_lens.disk import discard, raise_write_error
+from lofit_lens.disk import raise_write_error, staged
 from lofit_lens.errors import ArtifactError, OutputLockedError
 from lofit_lens.versions import library_versions
 
@@ -58,24 +58,15 @@ def jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- atomic files
-def _partial(path: Path) -> Path:
-    return path.with_name(f"{path.name}.{os.getpid()}.partial")
-
-
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` atomically: readers see the old file or the new one, never a part. A
     failed write (a full disk, a read-only folder: ``OutputNotWritableError``) leaves
     neither a truncated file nor its ``.partial``."""
     path = Path(path)
-    tmp = _partial(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    with staged(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException as err:
-        discard(tmp)
-        raise_write_error(path, err)
     return path
 
 

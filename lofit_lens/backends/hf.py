@@ -7,7 +7,6 @@ take seconds.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -16,11 +15,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
-from lofit_lens.disk import check_writable, discard, raise_write_error
+from lofit_lens.disk import check_writable, staged
 from lofit_lens.errors import (
     DeviceError, MissingPackageError, ModelNotFoundError, OutputNotWritableError,
 )
@@ -63,7 +62,7 @@ def _gemma3_gguf() -> Path:
     target = cache_dir() / "gguf" / chunks.MODEL_NAME
     if target.is_file():
         return Path(chunks.assemble(target))  # checks its SHA-256
-    with _cache_write(target.with_name(target.name + ".partial")) as tmp:
+    with staged(target, _cache_fix()) as tmp:
         chunks.assemble(tmp, overwrite=True)  # joins the 4 chunks once, checks SHA-256
         os.replace(tmp, target)
     return target
@@ -73,20 +72,6 @@ def _cache_fix(need_bytes: int = 0) -> str:
     room = f" with about {need_bytes / 2**30:.1f} GiB free" if need_bytes else ""
     return (f"set ${CACHE_ENV} to a writable folder{room} (now {cache_dir()}), or free space "
             "on its disk")
-
-
-@contextlib.contextmanager
-def _cache_write(tmp: Path) -> Iterator[Path]:
-    """Write ``tmp`` (a ``.partial`` file or folder in the cache) in the ``with`` body, which
-    renames it into place: on any failure it is removed, and a full disk or a read-only
-    cache is an ``OutputNotWritableError`` saying what to do."""
-    discard(tmp)
-    try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-    except BaseException as err:
-        discard(tmp)
-        raise_write_error(tmp, err, _cache_fix())
 
 
 @dataclass(frozen=True)
@@ -139,7 +124,7 @@ def embedded_hf_folder(short_name: str) -> Path:
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
-    with _cache_write(folder.with_name(folder.name + ".partial")) as tmp:
+    with staged(folder, _cache_fix()) as tmp:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder, ignore_errors=True)
