@@ -60,11 +60,11 @@ def choice_scores(model, examples: Sequence[ChoiceExample], batch_size: int = 16
     index: tokens dropped}`` for those examples.
     """
     check_hooked_model(model)
-    share = uses_bridge(model) if share_prefix is None else share_prefix
-    share = share and prefix_sharing_allowed()  # a position-dependent edit: whole sequences
-    if share and not uses_bridge(model):
+    if share_prefix and not uses_bridge(model):
         raise ValueError("share_prefix=True needs a TransformerBridge (TL 4.x); a "
                          "HookedTransformer scores full sequences (share_prefix=False)")
+    share = uses_bridge(model) if share_prefix is None else share_prefix
+    share = share and prefix_sharing_allowed()  # a position-dependent edit: whole sequences
     tok = hf_tokenizer(model)
     joint = protocol == "official"
     pairs = [[encode_pair(tok, ex.prompt, " " + c, joint=joint, back_off=False, prompt_ids=own)
