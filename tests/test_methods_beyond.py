@@ -12,6 +12,7 @@ import torch
 
 from lofit_lens.backends.hooked import attached_hooks, hf_tokenizer, model_dims
 from lofit_lens.methods import compare, load_intervention
+from lofit_lens.methods.iti import ITIShift
 from lofit_lens.methods.jola import (
     JoLA, L0PenalisedObjective, deterministic_gate, jola_result, open_probability, sample_gate,
 )
@@ -350,8 +351,6 @@ def test_a_last_position_iti_shift_generates_as_one_prompt_at_a_time(tiny_model)
     """ITI's "last" shift edits the last position of each forward: batched prompts with a
     common start must give what each prompt gives alone (a split at the shared start would
     also edit the start's last token)."""
-    from lofit_lens.methods.iti import ITIShift
-
     shift = ITIShift(model_dims(tiny_model), "last").set_heads(None)  # every head
     with torch.no_grad():
         shift.bias.normal_(0, 1.0, generator=torch.Generator().manual_seed(2))  # the split shows
